@@ -1,0 +1,28 @@
+"""perth-pipeline: the persistence layer of the Perth terminal multiplexer.
+
+The terminal records every change through :class:`PersistenceManager`; a
+background thread sends batches of changes as RQ jobs on Redis; worker
+processes (``workers``) apply them to PostgreSQL; reads restore a session.
+"""
+
+from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError, QueueUnavailable
+from .producer import PersistenceManager
+from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .settings import Settings
+
+__all__ = [
+    "DatabaseUnavailable",
+    "InvalidRecord",
+    "NotFound",
+    "PaneHistoryChunk",
+    "PaneRecord",
+    "PersistenceError",
+    "PersistenceManager",
+    "QueueUnavailable",
+    "SessionRecord",
+    "Settings",
+    "TabRecord",
+    "TemplateRecord",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""The ``perth-pipeline`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .errors import NotFound, PersistenceError
+from .logs import configure_logging
+from .settings import Settings
+
+__all__ = ["main"]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _session_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        _fail(f"SESSION_ID {value!r} is not a UUID (expected e.g. 7f0c2d3e-...)", code=2)
+
+
+class _State:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servers: Any = None
+
+    def backends(self, ctx: click.Context, *, init: str = "never") -> Settings:
+        """The settings with both URLs: from the environment, or embedded servers started here.
+
+        ``init``: apply the schema "always", only for "embedded" servers, or "never".
+        """
+        s = self.settings
+        if s.redis_url and s.database_url:
+            if init == "always":
+                _init_schema(s.database_url)
+            return s
+        if s.redis_url or s.database_url:
+            _fail("set both REDIS_URL and DATABASE_URL, or neither to use the embedded servers")
+        from .embedded import EmbeddedServers
+
+        click.echo(f"no REDIS_URL/DATABASE_URL: using embedded servers in {s.data_dir}", err=True)
+        self.servers = EmbeddedServers(s.data_dir)
+        try:
+            redis_url, database_url = self.servers.start()
+        except PersistenceError as exc:
+            _fail(str(exc))
+        ctx.call_on_close(self.servers.stop)
+        self.settings = s.with_urls(redis_url, database_url)
+        if init in ("always", "embedded"):
+            _init_schema(database_url)
+        return self.settings
+
+
+def _init_schema(database_url: str) -> int:
+    from .store import Store
+
+    store = Store(database_url)
+    try:
+        return store.init_db()
+    except PersistenceError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+
+
+def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path | None, wait: float) -> None:
+    state: _State = ctx.obj
+    sid = _session_id(session_id)
+    settings = state.backends(ctx)
+    from .producer import PersistenceManager
+    from .snapshot import session_document
+
+    manager = PersistenceManager(settings=settings, start=False)
+    try:
+        document = session_document(manager, sid, wait=wait, with_history=with_history is not None)
+    except NotFound:
+        _fail(f"session {sid} is not stored (or was deleted)")
+    except PersistenceError as exc:
+        _fail(str(exc))
+    finally:
+        manager.close(timeout=0)
+    if with_history is not None:
+        with_history.mkdir(parents=True, exist_ok=True)
+        for tab in document["tabs"]:
+            for pane in tab["panes"]:
+                path = with_history / f"{pane['id']}.log"
+                path.write_bytes(pane.pop("history"))
+                pane["history_file"] = str(path)
+    if fmt == "kdl":
+        from .layout import to_kdl
+
+        click.echo(to_kdl(document))
+    else:
+        click.echo(json.dumps(document, indent=2))
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--restore-from-db",
+    "restore_from_db",
+    metavar="SESSION_ID",
+    help="Print a stored session (the same as `restore SESSION_ID`).",
+)
+@click.option("--log-level", default="INFO", show_default=True, envvar="PERTH_LOG_LEVEL")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="PERTH_LOG_FORMAT",
+)
+@click.pass_context
+def cli(ctx: click.Context, restore_from_db: str | None, log_level: str, log_format: str) -> None:
+    """perth-pipeline: persistence of Perth's sessions, tabs, panes and scrollback.
+
+    Backends come from REDIS_URL and DATABASE_URL; with neither set, commands start
+    embedded Redis and PostgreSQL under PERTH_DATA_DIR.
+    """
+    configure_logging(log_level, log_format)
+    os.environ["PERTH_LOG_LEVEL"], os.environ["PERTH_LOG_FORMAT"] = log_level, log_format
+    try:
+        ctx.obj = _State(Settings.from_env())
+    except ValueError as exc:
+        _fail(f"invalid configuration: {exc}", code=2)
+    if restore_from_db is not None:
+        if ctx.invoked_subcommand is not None:
+            _fail("--restore-from-db cannot be combined with a command", code=2)
+        _restore(ctx, restore_from_db, "json", None, ctx.obj.settings.read_wait)
+        return
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@cli.command("init-db")
+@click.pass_context
+def init_db(ctx: click.Context) -> None:
+    """Apply schema.sql (idempotent) and print the schema version."""
+    settings = ctx.obj.backends(ctx)
+    click.echo(f"schema version {_init_schema(settings.database_url or '')}")
+
+
+@cli.command()
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
+@click.option("--processes", "-n", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--with-scheduler/--without-scheduler",
+    default=True,
+    show_default=True,
+    help="Run RQ's scheduler (needed for retries with back-off; one is active per queue).",
+)
+@click.pass_context
+def worker(ctx: click.Context, burst: bool, processes: int, with_scheduler: bool) -> None:
+    """Run RQ workers that apply batches to PostgreSQL."""
+    settings = ctx.obj.backends(ctx, init="embedded")
+    if processes == 1:
+        from workers.runner import run_worker
+
+        run_worker(settings, burst=burst, with_scheduler=with_scheduler)
+        return
+    from workers.runner import Supervisor
+
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url or "",
+        "DATABASE_URL": settings.database_url or "",
+        "PERTH_QUEUE": settings.queue,
+    }
+    sys.exit(Supervisor(processes, burst=burst, env=env).run())
+
+
+@cli.command()
+@click.argument("session_id")
+@click.option("--format", "fmt", type=click.Choice(["json", "kdl"]), default="json", show_default=True)
+@click.option(
+    "--with-history",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write each pane's scrollback to a file in this directory.",
+)
+@click.option("--wait", type=float, default=None, help="Seconds to wait for the session's queued batches.")
+@click.pass_context
+def restore(
+    ctx: click.Context, session_id: str, fmt: str, with_history: Path | None, wait: float | None
+) -> None:
+    """Print a stored session with its tabs and panes."""
+    _restore(ctx, session_id, fmt, with_history, ctx.obj.settings.read_wait if wait is None else wait)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sessions(ctx: click.Context, as_json: bool) -> None:
+    """List stored sessions, most recently active first."""
+    settings = ctx.obj.backends(ctx)
+    from .store import Store
+
+    store = Store(settings.database_url or "")
+    try:
+        rows = store.sessions()
+    except PersistenceError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r, _ in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no stored sessions")
+    for record, _ in rows:
+        click.echo(f"{record.id}  {record.last_active:%Y-%m-%d %H:%M:%S}  {record.name}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
+    """Queue depth, lag, jobs, workers, backend health. Exit 1 if unhealthy."""
+    settings = ctx.obj.backends(ctx)
+    from .status import gather_status, render_status
+
+    while True:
+        report = gather_status(settings)
+        text = json.dumps(report, indent=2, default=str) if as_json else render_status(report)
+        if watch:
+            click.clear()
+        click.echo(text)
+        if not watch:
+            break
+        time.sleep(watch)
+    sys.exit(0 if report["healthy"] else 1)
+
+
+@cli.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Zero-config end-to-end run: a simulated terminal, workers, a restore."""
+    settings = ctx.obj.backends(ctx, init="always")
+    from .demo import run_demo
+
+    run_demo(settings.model_copy(update={"queue": f"perth-demo-{uuid.uuid4().hex[:6]}"}))
+
+
+@cli.command()
+@click.option("--procfile", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.pass_context
+def up(ctx: click.Context, procfile: Path | None) -> None:
+    """Run the Procfile's processes (embedded servers when no URLs are set). Ctrl-C stops all."""
+    settings = ctx.obj.backends(ctx, init="always")
+    from .stack import run_stack
+
+    sys.exit(run_stack(settings, procfile))
+
+
+def main() -> None:
+    cli(prog_name="perth-pipeline")
+
+
+if __name__ == "__main__":
+    main()

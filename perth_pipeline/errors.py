@@ -1,0 +1,42 @@
+"""The error hierarchy of perth-pipeline.
+
+Every error the library raises on purpose is a :class:`PersistenceError`.
+:class:`InvalidRecord` is also a :class:`ValueError`, so that callers who already
+catch ``ValueError`` for bad input (as pydantic's ``ValidationError`` is one) keep
+working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DatabaseUnavailable",
+    "InvalidRecord",
+    "NotFound",
+    "PersistenceError",
+    "QueueUnavailable",
+]
+
+
+class PersistenceError(Exception):
+    """Base class of every error raised by perth-pipeline."""
+
+
+class InvalidRecord(PersistenceError, ValueError):
+    """A write call refused what it was given. ``field`` names what was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class NotFound(PersistenceError, LookupError):
+    """A read asked for something that is not stored (or was deleted)."""
+
+
+class QueueUnavailable(PersistenceError, ConnectionError):
+    """Redis did not answer. Raised by reads and commands, never by write calls."""
+
+
+class DatabaseUnavailable(PersistenceError, ConnectionError):
+    """PostgreSQL did not answer. Raised by reads and commands, never by write calls."""

@@ -1,0 +1,695 @@
+"""``PersistenceManager``: what the terminal calls.
+
+Write calls validate, record the change in the write-behind buffer and return;
+they perform no I/O and never raise for an outage. One flusher thread per
+manager sends dirty state as RQ jobs, watches the jobs it sent (a job that
+failed or vanished makes its entities dirty again), keeps a circuit breaker per
+backend and learns PostgreSQL's health from the workers. Reads are synchronous.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+import redis
+import zstandard
+from rq.job import Job, JobStatus, Retry
+
+from .batch import JOB_FUNCTION, EncodedBatch, encode_batches
+from .breaker import CircuitBreaker
+from .broker import LIVE_STATUSES, Keys, make_queue, make_redis, read_db_health
+from .buffer import PANE, SESSION, TAB, TEMPLATE, Buffer, Chunk, Item, Touch
+from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError
+from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .settings import Settings
+from .store import Store
+
+__all__ = ["PersistenceManager"]
+
+logger = logging.getLogger("perth_pipeline.producer")
+
+_POLL_BATCH = 200
+_DB_CHECK_EVERY = 5.0
+_ROUTE_CHECK_EVERY = 1.0
+_ROUTE_GRACE = 60.0
+_STATS_EVERY = 5.0
+_STATS_TTL = 30
+_MAX_BATCHES_PER_CYCLE = 16
+
+_managers: weakref.WeakSet[PersistenceManager] = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    for manager in list(_managers):
+        manager.close(timeout=2.0)
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _uuid(value: Any, field_name: str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except (TypeError, ValueError):
+        raise InvalidRecord(field_name, f"{value!r} is not a UUID") from None
+
+
+def _refusal(meta: bytes | None) -> str | None:
+    if not meta:
+        return None
+    try:
+        value = json.loads(meta)
+    except ValueError:
+        return None
+    reason = value.get("perth_refused") if isinstance(value, dict) else None
+    return str(reason) if reason else None
+
+
+@dataclass(slots=True)
+class _InFlight:
+    job_id: str
+    items: list[Item]
+    touches: list[Touch]
+    chunks: list[Chunk]
+    min_seq: int
+    sent_at: float
+    sessions: list[UUID] = field(default_factory=list)
+
+
+class PersistenceManager:
+    """The persistence of one terminal process. Thread-safe; one flusher thread.
+
+    ``PersistenceManager(redis_url, database_url)`` never raises for a dead
+    backend: it starts in memory and delivers when the backends answer.
+    Pass ``redis=`` to supply a client (fakeredis in unit tests).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        database_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        redis_client: redis.Redis | None = None,
+        start: bool = True,
+    ) -> None:
+        base = settings or Settings()
+        self.settings = base.with_urls(redis_url or base.redis_url, database_url or base.database_url)
+        s = self.settings
+        if redis_client is None and not s.redis_url:
+            raise PersistenceError("PersistenceManager needs a redis_url (or REDIS_URL) or a redis client")
+        self.origin = f"p{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.keys = Keys(s.queue)
+        self.buffer = Buffer(
+            max_entities=s.max_entities,
+            max_pending_history_bytes=s.max_pending_history_bytes,
+            max_json_bytes=s.max_json_bytes,
+            max_chunk_bytes=s.max_chunk_bytes,
+        )
+        self._owns_redis = redis_client is None
+        self._redis = redis_client or make_redis(
+            s.redis_url or "",
+            connect_timeout=s.redis_connect_timeout,
+            socket_timeout=s.redis_socket_timeout,
+            client_name=f"perth-producer-{self.origin}",
+        )
+        self._queue = make_queue(s.queue, self._redis)
+        self._store = (
+            Store(s.database_url, connect_timeout=s.db_connect_timeout, statement_timeout=s.statement_timeout)
+            if s.database_url
+            else None
+        )
+        self._retry = Retry(max=len(s.retry_intervals), interval=list(s.retry_intervals))
+        self._compressor = zstandard.ZstdCompressor(level=s.zstd_level)
+
+        self._redis_breaker = CircuitBreaker("Redis", base=s.breaker_base, cap=s.breaker_max)
+        self._db_breaker = CircuitBreaker("PostgreSQL", base=s.breaker_base, cap=s.breaker_max)
+        self._db_ok: bool | None = None  # None: unknown (no worker reports, no direct check yet)
+        self._db_reported_at = 0.0
+        self._db_checked_at = -_DB_CHECK_EVERY
+        self._redis_ok_at = 0.0
+        self._queue_depth = 0
+        self._route_checked_at = 0.0
+        self._unroutable_since: dict[UUID, float] = {}
+        self._stats_published_at = 0.0
+
+        self._inflight: OrderedDict[str, _InFlight] = OrderedDict()
+        self._sending_min_seq: int | None = None
+        self._state = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.counters: dict[str, int] = {
+            "enqueued_jobs": 0,
+            "enqueued_ops": 0,
+            "dropped_jobs": 0,
+            "committed_jobs": 0,
+            "failed_jobs": 0,
+            "vanished_jobs": 0,
+            "abandoned_jobs": 0,
+            "refused_jobs": 0,
+            "unroutable": 0,
+        }
+        _managers.add(self)
+        if start:
+            self.start()
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> PersistenceManager:
+        """Build from ``REDIS_URL``, ``DATABASE_URL`` and ``PERTH_*``; keyword arguments override settings."""
+        return cls(settings=Settings.from_env(**overrides))
+
+    def start(self) -> None:
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(
+                target=self._run, name=f"perth-flusher-{self.origin}", daemon=True
+            )
+            self._thread.start()
+
+    def __enter__(self) -> PersistenceManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- writes: validate, buffer, return. Never I/O, never raise for an outage. ------------
+
+    def create_session(self, session: SessionRecord) -> None:
+        self.buffer.put_session(session)
+
+    def update_session(self, session: SessionRecord) -> None:
+        self.buffer.put_session(session)
+
+    def _id(self, value: Any, field_name: str) -> UUID:
+        try:
+            return _uuid(value, field_name)
+        except InvalidRecord:
+            self.buffer.count_invalid()
+            raise
+
+    def touch_session(self, session_id: UUID | str) -> None:
+        self.buffer.touch_session(self._id(session_id, "session_id"), datetime.now(UTC))
+
+    def delete_session(self, session_id: UUID | str) -> None:
+        self.buffer.delete(SESSION, self._id(session_id, "session_id"))
+
+    def create_tab(self, tab: TabRecord) -> None:
+        self.buffer.put_tab(tab)
+
+    def update_tab(self, tab: TabRecord) -> None:
+        self.buffer.put_tab(tab)
+
+    def delete_tab(self, tab_id: UUID | str) -> None:
+        self.buffer.delete(TAB, self._id(tab_id, "tab_id"))
+
+    def create_pane(self, pane: PaneRecord) -> None:
+        self.buffer.put_pane(pane)
+
+    def update_pane(self, pane: PaneRecord) -> None:
+        self.buffer.put_pane(pane)
+
+    def delete_pane(self, pane_id: UUID | str) -> None:
+        self.buffer.delete(PANE, self._id(pane_id, "pane_id"))
+
+    def append_pane_history(self, chunk: PaneHistoryChunk) -> None:
+        self.buffer.append_history(chunk)
+
+    def save_template(self, template: TemplateRecord) -> None:
+        self.buffer.put_template(template)
+
+    def delete_template(self, name: str) -> None:
+        if not isinstance(name, str) or not name or len(name) > 256:
+            self.buffer.count_invalid()
+            raise InvalidRecord("name", "a template name is a non-empty string of at most 256 characters")
+        self.buffer.delete(TEMPLATE, name)
+
+    # --- durability and lifecycle ------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every batch holding the writes made so far has been committed.
+
+        Returns False if that did not happen within ``timeout`` (a backend is down,
+        the workers are behind); the writes stay buffered and are delivered later.
+        """
+        target = self.buffer.seq
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiters += 1
+        self._wake.set()
+        try:
+            while not self._settled(target):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self._thread is None or not self._thread.is_alive()):
+                    return self._settled(target)
+                with self._cond:
+                    self._cond.wait(min(remaining, 0.05))
+            return True
+        finally:
+            with self._cond:
+                self._waiters -= 1
+
+    def _settled(self, target: int) -> bool:
+        unsent = self.buffer.min_unsent_seq()
+        if unsent is not None and unsent <= target:
+            return False
+        with self._state:
+            if self._sending_min_seq is not None and self._sending_min_seq <= target:
+                return False
+            return all(job.min_seq > target for job in self._inflight.values())
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is buffered to the queue (not waiting for workers) and stop the flusher."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, timeout))
+        if self._thread is not None and self._thread.is_alive():
+            logger.warning("flusher did not finish within %.1f s; unsent state is dropped", timeout)
+        _managers.discard(self)
+        if self._store is not None:
+            self._store.close()
+        if self._owns_redis:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail; it is gone
+                self._redis.close()
+
+    def is_available(self) -> bool:
+        """Both backends answered recently (Redis within a few seconds, PostgreSQL not known down)."""
+        recent = time.monotonic() - self._redis_ok_at < max(5.0, 4 * self.settings.flush_interval)
+        return recent and not self._redis_breaker.is_down and self._db_ok is not False
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.buffer.counters)
+        out.update(self.counters)
+        out.update(self.buffer.gauges())
+        with self._state:
+            out["inflight_jobs"] = len(self._inflight)
+        out["queue_depth"] = self._queue_depth
+        out["redis_down"] = self._redis_breaker.is_down
+        out["database_down"] = self._db_ok is False
+        out["origin"] = self.origin
+        return out
+
+    # --- the flusher thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self._interval())
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                try:
+                    self._cycle()
+                except Exception:  # the flusher must survive anything; the next cycle retries
+                    logger.exception("persistence flusher cycle failed")
+                with self._cond:
+                    self._cond.notify_all()
+            self._final_send()
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _interval(self) -> float:
+        if self._waiters:
+            return 0.005
+        interval = self.settings.flush_interval
+        if self._queue_depth > self.settings.queue_soft_depth:
+            # the workers are behind: send less often so that more updates coalesce
+            interval *= min(8.0, 1.0 + self._queue_depth / self.settings.queue_soft_depth)
+        return interval
+
+    def _cycle(self) -> None:
+        if self._redis_breaker.allow():
+            try:
+                self._poll()
+                self._redis_breaker.success()
+                self._redis_ok_at = time.monotonic()
+            except redis.RedisError as exc:
+                self._redis_breaker.failure(exc)
+        self._check_db()
+        self._resolve_routes()
+        if self.buffer.has_dirty():
+            self._send()
+
+    def _can_send(self) -> bool:
+        if self._redis_breaker.is_down and not self._redis_breaker.allow():
+            return False
+        if self._db_ok is False:
+            return False
+        if self._queue_depth >= self.settings.queue_hard_depth:
+            return False
+        with self._state:
+            return len(self._inflight) < self.settings.max_inflight_jobs
+
+    def _send(self, *, deadline: float | None = None) -> None:
+        for _ in range(_MAX_BATCHES_PER_CYCLE):
+            if not self.buffer.has_dirty():
+                return
+            if not self._can_send():
+                self.counters["dropped_jobs"] += 1
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            drained = self.buffer.drain(self.settings.batch_max_ops)
+            if not len(drained):
+                return
+            with self._state:
+                self._sending_min_seq = drained.min_seq
+            try:
+                batches = encode_batches(
+                    drained,
+                    origin=self.origin,
+                    max_ops=self.settings.batch_max_ops,
+                    max_bytes=self.settings.batch_max_bytes,
+                    compressor=self._compressor,
+                )
+                self._enqueue(batches)
+            except redis.RedisError as exc:
+                self.buffer.redirty(drained.items, drained.touches, drained.chunks)
+                self.counters["dropped_jobs"] += 1
+                self._redis_breaker.failure(exc)
+                return
+            finally:
+                with self._state:
+                    self._sending_min_seq = None
+            self._redis_breaker.success()
+            self._redis_ok_at = time.monotonic()
+
+    def _enqueue(self, batches: list[EncodedBatch]) -> None:
+        s = self.settings
+        now = time.time()
+        with self._redis.pipeline(transaction=True) as pipe:
+            for batch in batches:
+                job = self._queue.create_job(
+                    JOB_FUNCTION,
+                    job_id=batch.id,
+                    description=batch.description,
+                    timeout=s.job_timeout,
+                    result_ttl=s.result_ttl,
+                    failure_ttl=s.failed_ttl,
+                    retry=self._retry,
+                )
+                job.data = batch.data
+                self._queue.enqueue_job(job, pipeline=pipe)
+                for session_id in batch.sessions:
+                    key = self.keys.outstanding(session_id)
+                    pipe.zadd(key, {batch.id: now})
+                    pipe.expire(key, s.failed_ttl)
+            pipe.execute()
+        with self._state:
+            for batch in batches:
+                self._inflight[batch.id] = _InFlight(
+                    batch.id,
+                    batch.items,
+                    batch.touches,
+                    batch.chunks,
+                    batch.min_seq,
+                    time.monotonic(),
+                    batch.sessions,
+                )
+        self.counters["enqueued_jobs"] += len(batches)
+        self.counters["enqueued_ops"] += sum(b.ops for b in batches)
+
+    def _poll(self) -> None:
+        """One round trip: the state of our oldest jobs, the queue depth, PostgreSQL's health."""
+        with self._state:
+            jobs = list(self._inflight.values())[:_POLL_BATCH]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.hmget(Job.key_for(job.job_id), "status", "last_heartbeat", "meta")
+            pipe.llen(self._queue.key)
+            pipe.get(self.keys.db_health)
+            results = pipe.execute()
+        self._queue_depth = int(results[len(jobs)])
+        self._note_db_health(read_db_health(results[len(jobs) + 1]))
+        for job, (status, heartbeat, meta) in zip(jobs, results[: len(jobs)], strict=True):
+            self._settle(job, status.decode() if status else None, heartbeat, meta)
+        if time.monotonic() - self._stats_published_at > _STATS_EVERY:
+            self._publish_stats()
+
+    def _settle(
+        self, job: _InFlight, status: str | None, heartbeat: bytes | None, meta: bytes | None
+    ) -> None:
+        if status == JobStatus.FINISHED.value:
+            self._forget(job)
+            self.buffer.confirm(job.items)
+            self.counters["committed_jobs"] += 1
+            return
+        if status in LIVE_STATUSES:
+            if status == "started" and heartbeat and self._abandoned(heartbeat):
+                # the worker stopped heart-beating: do not rest on RQ's registry maintenance alone
+                self.counters["abandoned_jobs"] += 1
+                self._forget(job)
+                self.buffer.redirty(job.items, job.touches, job.chunks)
+            return
+        self._forget(job)
+        refused = _refusal(meta)
+        if refused is not None:
+            # the workers refused what this producer sent: sending it again cannot help
+            self.counters["refused_jobs"] += 1
+            logger.warning(
+                "batch %s refused by the workers: %s", job.job_id, refused, extra={"job_id": job.job_id}
+            )
+            return
+        if status is None:
+            self.counters["vanished_jobs"] += 1
+        else:
+            self.counters["failed_jobs"] += 1
+        resent = self.buffer.redirty(job.items, job.touches, job.chunks)
+        logger.info(
+            "batch %s %s; its entities are sent again",
+            job.job_id,
+            "vanished from Redis" if status is None else f"ended {status}",
+            extra={"job_id": job.job_id, "status": status, "resynced": resent},
+        )
+
+    def _abandoned(self, heartbeat: bytes) -> bool:
+        try:
+            beat = datetime.fromisoformat(heartbeat.decode().replace("Z", "+00:00"))
+        except ValueError:
+            return False
+        if beat.tzinfo is None:
+            beat = beat.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - beat).total_seconds() > 3 * self.settings.job_lease
+
+    def _forget(self, job: _InFlight) -> None:
+        with self._state:
+            self._inflight.pop(job.job_id, None)
+
+    def _note_db_health(self, health: dict[str, Any] | None) -> None:
+        if health is None:
+            return
+        self._db_reported_at = time.monotonic()
+        self._set_db_ok(bool(health.get("ok")), health.get("error") or "reported down by a worker")
+
+    def _set_db_ok(self, ok: bool, error: str) -> None:
+        self._db_ok = ok
+        if ok:
+            self._db_breaker.success()
+        elif not self._db_breaker.is_down:
+            self._db_breaker.failure(error)
+
+    def _check_db(self) -> None:
+        """Without a fresh report from a worker, check PostgreSQL directly, at most every few seconds."""
+        now = time.monotonic()
+        if now - self._db_reported_at < self.settings.health_ttl:
+            return
+        if self._store is None:
+            self._db_ok = None
+            return
+        if now - self._db_checked_at < _DB_CHECK_EVERY:
+            return
+        self._db_checked_at = now
+        try:
+            self._store.ping()
+            self._set_db_ok(True, "")
+        except PersistenceError as exc:
+            self._set_db_ok(False, str(exc))
+
+    def _resolve_routes(self) -> None:
+        """Ask PostgreSQL for the session of tabs and panes this buffer does not hold."""
+        now = time.monotonic()
+        if self._store is None or now - self._route_checked_at < _ROUTE_CHECK_EVERY:
+            return
+        tab_ids, pane_ids = self.buffer.unrouted()
+        if not tab_ids and not pane_ids:
+            self._unroutable_since.clear()
+            return
+        self._route_checked_at = now
+        try:
+            tabs, panes = self._store.routes(tab_ids, pane_ids)
+        except PersistenceError:
+            return
+        self.buffer.learn_routes(tabs, panes)
+        missing_tabs = [t for t in tab_ids if t not in tabs]
+        missing_panes = [p for p in pane_ids if p not in panes]
+        expired_tabs: list[UUID] = []
+        expired_panes: list[UUID] = []
+        for ident in missing_tabs + missing_panes:
+            first = self._unroutable_since.setdefault(ident, now)
+            if now - first > _ROUTE_GRACE:
+                (expired_tabs if ident in missing_tabs else expired_panes).append(ident)
+        if expired_tabs or expired_panes:
+            dropped = self.buffer.discard_unroutable(expired_tabs, expired_panes)
+            self.counters["unroutable"] += dropped
+            logger.warning(
+                "dropped writes under tabs or panes that neither this terminal nor the database knows",
+                extra={"dropped": dropped},
+            )
+            for ident in expired_tabs + expired_panes:
+                self._unroutable_since.pop(ident, None)
+
+    def _publish_stats(self) -> None:
+        """Each producer's counters, for ``status`` and the metrics (expire with the producer)."""
+        self._stats_published_at = time.monotonic()
+        stats: dict[str, Any] = {k: v for k, v in self.stats().items() if isinstance(v, int | bool | str)}
+        stats["published_at"] = time.time()
+        self._redis.set(self.keys.producer(self.origin), json.dumps(stats), ex=_STATS_TTL)
+
+    def _final_send(self) -> None:
+        deadline = getattr(self, "_close_deadline", time.monotonic() + 2.0)
+        while self.buffer.has_dirty() and time.monotonic() < deadline:
+            before = self.buffer.min_unsent_seq()
+            if self._redis_breaker.is_down and not self._redis_breaker.allow():
+                break
+            self._send(deadline=deadline)
+            if self.buffer.min_unsent_seq() == before:
+                break
+        unsent = self.buffer.gauges()
+        if unsent["dirty"] or unsent["pending_history_chunks"]:
+            logger.warning("closing with unsent state", extra=unsent)
+
+    # --- reads (synchronous, from PostgreSQL) ------------------------------------------------------
+
+    def _reads(self) -> Store:
+        if self._store is None:
+            raise DatabaseUnavailable("no database_url (or DATABASE_URL) is configured for reads")
+        return self._store
+
+    def _wait_for_session(self, session_id: UUID, wait: float | None) -> None:
+        """Wait (bounded) until every batch already enqueued for the session has been applied."""
+        bound = self.settings.read_wait if wait is None else wait
+        deadline = time.monotonic() + bound
+        key = self.keys.outstanding(session_id)
+        delay = 0.005
+        while True:
+            try:
+                members = [
+                    m.decode() if isinstance(m, bytes) else str(m) for m in self._redis.zrange(key, 0, -1)
+                ]
+                if not members:
+                    return
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for job_id in members:
+                        pipe.hget(Job.key_for(job_id), "status")
+                    statuses = pipe.execute()
+                pending = [
+                    m for m, st in zip(members, statuses, strict=True) if st and st.decode() in LIVE_STATUSES
+                ]
+                done = [m for m in members if m not in pending]
+                if done:
+                    self._redis.zrem(key, *done)
+            except redis.RedisError as exc:
+                logger.warning("cannot see the queue (%s); reading session %s as it is", exc, session_id)
+                return
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "session %s may be stale: %d of its batches are still queued after %.1f s",
+                    session_id,
+                    len(pending),
+                    bound,
+                    extra={"session_id": str(session_id), "pending_batches": len(pending)},
+                )
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def restore_session(self, session_id: UUID | str, *, wait: float | None = None) -> SessionRecord:
+        sid = _uuid(session_id, "session_id")
+        self._wait_for_session(sid, wait)
+        found = self._reads().session(sid)
+        if found is None:
+            raise NotFound(f"session {sid} is not stored (or was deleted)")
+        record, version = found
+        self.buffer.observe_version(version)
+        return record
+
+    def restore_tabs(self, session_id: UUID | str, *, wait: float | None = None) -> list[TabRecord]:
+        sid = _uuid(session_id, "session_id")
+        self._wait_for_session(sid, wait)
+        rows = self._reads().tabs(sid)
+        for _, version in rows:
+            self.buffer.observe_version(version)
+        self.buffer.learn_routes(tabs={tab.id: tab.session_id for tab, _ in rows})
+        return [tab for tab, _ in rows]
+
+    def restore_panes(self, tab_id: UUID | str, *, wait: float | None = None) -> list[PaneRecord]:
+        tid = _uuid(tab_id, "tab_id")
+        store = self._reads()
+        session_id = store.session_of_tab(tid)
+        if session_id is not None:
+            self._wait_for_session(session_id, wait)
+        rows = store.panes(tid)
+        for _, version in rows:
+            self.buffer.observe_version(version)
+        if session_id is not None:
+            self.buffer.learn_routes(
+                tabs={tid: session_id}, panes={pane.id: (tid, session_id) for pane, _ in rows}
+            )
+        return [pane for pane, _ in rows]
+
+    def restore_pane_history(self, pane_id: UUID | str, *, wait: float | None = None) -> bytes:
+        pid = _uuid(pane_id, "pane_id")
+        store = self._reads()
+        route = store.route_of_pane(pid)
+        if route is not None:
+            self._wait_for_session(route[1], wait)
+            self.buffer.learn_routes(panes={pid: route})
+        return store.history(pid)
+
+    def list_sessions(self) -> list[SessionRecord]:
+        rows = self._reads().sessions()
+        for _, version in rows:
+            self.buffer.observe_version(version)
+        return [session for session, _ in rows]
+
+    def get_template(self, name: str) -> TemplateRecord:
+        found = self._reads().template(name)
+        if found is None:
+            raise NotFound(f"template {name!r} is not stored (or was deleted)")
+        record, version = found
+        self.buffer.observe_version(version)
+        return record
+
+    def list_templates(self) -> list[TemplateRecord]:
+        rows = self._reads().templates()
+        for _, version in rows:
+            self.buffer.observe_version(version)
+        return [template for template, _ in rows]

@@ -1,0 +1,355 @@
+"""The records and the operation envelope: the wire contract.
+
+Records are what the terminal hands to :class:`~perth_pipeline.PersistenceManager`
+and what the reads give back. Operations wrap a record with its version; a
+:class:`Batch` of operations is the one argument of the one job that crosses
+the queue (``workers.jobs.apply_batch``). The same models validate a batch on
+both sides, and ``batch.schema.json`` (exported from :class:`Batch`) lets a
+producer in another language put the same batches on the queue.
+
+The limits below are the hard limits of the wire format; the settings may
+set lower ones for a producer (see :mod:`perth_pipeline.settings`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import (
+    AwareDatetime,
+    Base64Bytes,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUPPORTED_FORMATS",
+    "Batch",
+    "HistoryAppend",
+    "Operation",
+    "PaneDelete",
+    "PaneHistoryChunk",
+    "PaneRecord",
+    "PaneUpsert",
+    "SessionDelete",
+    "SessionRecord",
+    "SessionTouch",
+    "SessionUpsert",
+    "TabDelete",
+    "TabRecord",
+    "TabUpsert",
+    "TemplateDelete",
+    "TemplateRecord",
+    "TemplateUpsert",
+    "json_size",
+]
+
+#: The batch format this version writes. Workers accept it and the one before.
+FORMAT_VERSION = 2
+SUPPORTED_FORMATS = (1, 2)
+
+MAX_NAME_CHARS = 256
+MAX_PANE_ID_CHARS = 128
+MAX_TITLE_CHARS = 1024
+MAX_PATH_CHARS = 4096
+MAX_COMMAND_CHARS = 16384
+MAX_JSON_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 4 << 20
+MAX_OPS_PER_BATCH = 10_000
+MAX_INT32 = 2**31 - 1
+MAX_VERSION = 2**63 - 1
+
+_NUL = "\x00"
+_PANE_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_ORIGIN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _no_nul(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL: refuse it here rather than fail a whole batch later.
+    if value is not None and _NUL in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def json_size(value: Any) -> int:
+    """The size in bytes of ``value`` as compact JSON; raises ``ValueError`` if it is not JSON."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"is not JSON-serializable ({exc})") from None
+    if "\\u0000" in text:
+        raise ValueError("must not contain NUL characters (PostgreSQL JSONB refuses them)")
+    return len(text.encode("utf-8"))
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    size = json_size(value)
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"is {size} bytes of JSON, over the limit of {MAX_JSON_BYTES}")
+    return value
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+Position = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+Origin = Annotated[str, StringConstraints(pattern=_ORIGIN.pattern)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        strict=False,
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+    )
+
+
+class SessionRecord(_Record):
+    """A terminal session: the root of tabs, panes and scrollback."""
+
+    id: UUID
+    name: Name
+    template_name: Name | None = None
+    created_at: AwareDatetime
+    last_active: AwareDatetime
+
+    _check_text = field_validator("name", "template_name")(_no_nul)
+
+
+class TabRecord(_Record):
+    """A tab of a session. ``layout_blob`` is the tab's layout (JSONB)."""
+
+    id: UUID
+    session_id: UUID
+    position: Position
+    name: Name
+    layout_blob: dict[str, Any] = Field(default_factory=dict)
+
+    _check_text = field_validator("name")(_no_nul)
+    _check_json = field_validator("layout_blob")(_bounded_json)
+
+
+class PaneRecord(_Record):
+    """A pane of a tab. ``pane_id`` is the terminal's own id (``"terminal_3"``)."""
+
+    id: UUID
+    tab_id: UUID
+    pane_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PANE_ID_CHARS)]
+    pane_type: Annotated[str, StringConstraints(pattern=_PANE_TYPE.pattern)]
+    component_state: dict[str, Any] = Field(default_factory=dict)
+    title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] = ""
+    cwd: Annotated[str, StringConstraints(max_length=MAX_PATH_CHARS)] | None = None
+    command: Annotated[str, StringConstraints(max_length=MAX_COMMAND_CHARS)] | None = None
+
+    _check_text = field_validator("pane_id", "title", "cwd", "command")(_no_nul)
+    _check_json = field_validator("component_state")(_bounded_json)
+
+
+class PaneHistoryChunk(_Record):
+    """One chunk of a pane's scrollback. ``pane_id`` is the pane row's id."""
+
+    pane_id: UUID
+    chunk_index: Position
+    content: Annotated[bytes, Field(max_length=MAX_CHUNK_BYTES)]
+
+
+class TemplateRecord(_Record):
+    """A layout template, keyed by ``name``. ``definition`` is a JSON layout description."""
+
+    id: UUID
+    name: Name
+    definition: dict[str, Any] = Field(default_factory=dict)
+
+    _check_text = field_validator("name")(_no_nul)
+    _check_json = field_validator("definition")(_bounded_json)
+
+
+# --- operations -----------------------------------------------------------------------------
+#
+# Every operation carries its version: a hybrid logical clock value of the producer that made
+# it (see perth_pipeline.clock); the batch's ``origin`` breaks ties between producers. Operations
+# below a session carry their ancestors' ids (which never change: a tab does not move to another
+# session, a pane does not move to another tab), so that a worker can lock the session they
+# belong to and check every ancestor's tombstone without a lookup.
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Version
+
+
+class SessionUpsert(_Op):
+    op: Literal["session.upsert"] = "session.upsert"
+    record: SessionRecord
+
+
+class SessionDelete(_Op):
+    op: Literal["session.delete"] = "session.delete"
+    id: UUID
+
+
+class SessionTouch(_Op):
+    """``last_active`` of a stored session the producer does not hold (after a restart)."""
+
+    op: Literal["session.touch"] = "session.touch"
+    id: UUID
+    last_active: AwareDatetime
+
+
+class TabUpsert(_Op):
+    op: Literal["tab.upsert"] = "tab.upsert"
+    record: TabRecord
+
+
+class TabDelete(_Op):
+    op: Literal["tab.delete"] = "tab.delete"
+    id: UUID
+    session_id: UUID
+
+
+class PaneUpsert(_Op):
+    op: Literal["pane.upsert"] = "pane.upsert"
+    session_id: UUID
+    record: PaneRecord
+
+
+class PaneDelete(_Op):
+    op: Literal["pane.delete"] = "pane.delete"
+    id: UUID
+    tab_id: UUID
+    session_id: UUID
+
+
+class HistoryAppend(_Op):
+    """A scrollback chunk. ``content`` is base64 of the bytes after ``encoding``."""
+
+    op: Literal["history.append"] = "history.append"
+    pane_id: UUID
+    tab_id: UUID
+    session_id: UUID
+    chunk_index: Position
+    encoding: Literal["identity", "zstd"] = "identity"
+    raw_size: Annotated[int, Field(ge=0, le=MAX_CHUNK_BYTES)]
+    content: Annotated[Base64Bytes, Field(max_length=MAX_CHUNK_BYTES + 1024)]
+
+
+class TemplateUpsert(_Op):
+    op: Literal["template.upsert"] = "template.upsert"
+    record: TemplateRecord
+
+
+class TemplateDelete(_Op):
+    op: Literal["template.delete"] = "template.delete"
+    name: Name
+
+
+Operation = Annotated[
+    SessionUpsert
+    | SessionDelete
+    | SessionTouch
+    | TabUpsert
+    | TabDelete
+    | PaneUpsert
+    | PaneDelete
+    | HistoryAppend
+    | TemplateUpsert
+    | TemplateDelete,
+    Field(discriminator="op"),
+]
+
+
+class Batch(BaseModel):
+    """The payload of one ``apply_batch`` job: many operations, applied in one transaction."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "$id": "https://perth.dev/schemas/perth-pipeline/batch.schema.json",
+            "description": (
+                "The single positional argument of the RQ job 'workers.jobs.apply_batch' "
+                "(serialized with rq.serializers.JSONSerializer)."
+            ),
+        },
+    )
+
+    format: Literal[2] = 2
+    id: UUID
+    origin: Origin
+    created_at: AwareDatetime
+    ops: Annotated[list[Operation], Field(min_length=1, max_length=MAX_OPS_PER_BATCH)]
+
+    def session_ids(self) -> list[UUID]:
+        """The sessions this batch touches (its routing keys), sorted."""
+        ids: set[UUID] = set()
+        for op in self.ops:
+            sid = session_of(op)
+            if sid is not None:
+                ids.add(sid)
+        return sorted(ids)
+
+
+def session_of(op: Any) -> UUID | None:
+    """The session an operation belongs to, or ``None`` for templates."""
+    if isinstance(op, SessionUpsert | TabUpsert):
+        return op.record.id if isinstance(op, SessionUpsert) else op.record.session_id
+    if isinstance(op, SessionDelete | SessionTouch):
+        return op.id
+    if isinstance(op, TabDelete | PaneUpsert | PaneDelete | HistoryAppend):
+        return op.session_id
+    return None
+
+
+BATCH_ADAPTER: TypeAdapter[Batch] = TypeAdapter(Batch)
+
+
+def upgrade_payload(payload: Any) -> Any:
+    """Bring a payload of a previous format to the current one (before validation).
+
+    Format 1 had no compression of scrollback: its ``history.append`` operations
+    carry neither ``encoding`` nor ``raw_size``. Anything that is not a format-1
+    mapping is returned unchanged for the model to judge.
+    """
+    if not isinstance(payload, dict) or payload.get("format") != 1:
+        return payload
+    ops = payload.get("ops")
+    if not isinstance(ops, list):
+        return payload
+    upgraded = []
+    for op in ops:
+        if isinstance(op, dict) and op.get("op") == "history.append" and "encoding" not in op:
+            upgraded.append({**op, "encoding": "identity", "raw_size": _b64_len(op.get("content"))})
+        else:
+            upgraded.append(op)
+    return {**payload, "format": FORMAT_VERSION, "ops": upgraded}
+
+
+def _b64_len(content: Any) -> int:
+    if not isinstance(content, str):
+        return 0
+    stripped = content.rstrip("=")
+    return len(stripped) * 3 // 4
+
+
+def batch_json_schema() -> dict[str, Any]:
+    """The published JSON Schema of a batch (kept in the repository as batch.schema.json)."""
+    schema = Batch.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["x-previous-formats"] = {
+        "1": "as format 2, but history.append has no 'encoding' (always identity) and no 'raw_size'"
+    }
+    return schema
+
+
+if __name__ == "__main__":  # python -m perth_pipeline.records > perth_pipeline/batch.schema.json
+    print(json.dumps(batch_json_schema(), indent=2, sort_keys=True))

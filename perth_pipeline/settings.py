@@ -1,0 +1,137 @@
+"""One settings object, built from the environment at the edge.
+
+Nothing reads the environment at import time: the command line and
+:meth:`PersistenceManager.from_env` call :meth:`Settings.from_env`; library
+users may build :class:`Settings` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "mask_url", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``"30d"``, ``"12h"``, ``"90s"``, ``"250ms"`` or a number of seconds, in seconds."""
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (try 30d, 12h, 15m, 90s or 250ms)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+
+
+def mask_url(url: str | None) -> str:
+    """``url`` with its password replaced by ``***``: safe for logs and ``status``."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "perth-pipeline"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with safe defaults. Environment names are in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="PERTH_", extra="ignore", frozen=True, populate_by_name=True)
+
+    # --- where things are ---------------------------------------------------------------
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "PERTH_REDIS_URL"))
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "PERTH_DATABASE_URL")
+    )
+    queue: str = Field(default="perth", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # --- the producer ---------------------------------------------------------------------
+    #: how often the flusher sends what is dirty; freshness is about this plus one apply.
+    flush_interval: float = Field(default=0.05, gt=0, le=60)
+    batch_max_ops: int = Field(default=1000, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=1 << 20, ge=4096, le=16 << 20)
+    #: live entities (sessions, tabs, panes, templates) the buffer holds; past it new ones are dropped.
+    max_entities: int = Field(default=250_000, ge=10)
+    #: scrollback bytes waiting to be sent; past it the oldest chunks are dropped.
+    max_pending_history_bytes: int = Field(default=32 << 20, ge=1024)
+    max_json_bytes: int = Field(default=256 << 10, ge=64, le=1 << 20)
+    max_chunk_bytes: int = Field(default=256 << 10, ge=64, le=4 << 20)
+    #: jobs of one producer on the queue and not yet finished; past it, state stays dirty.
+    max_inflight_jobs: int = Field(default=2000, ge=1)
+    #: queue depth past which the producer flushes less often (more coalescing) ...
+    queue_soft_depth: int = Field(default=200, ge=1)
+    #: ... and past which it stops enqueueing until the queue drains.
+    queue_hard_depth: int = Field(default=5000, ge=1)
+    redis_connect_timeout: float = Field(default=0.5, gt=0, le=30)
+    redis_socket_timeout: float = Field(default=1.0, gt=0, le=60)
+    breaker_base: float = Field(default=0.5, gt=0)
+    breaker_max: float = Field(default=30.0, gt=0)
+    #: how long a read of a session waits for that session's queued batches.
+    read_wait: float = Field(default=2.0, ge=0)
+    zstd_level: int = Field(default=3, ge=1, le=19)
+
+    # --- PostgreSQL -------------------------------------------------------------------------
+    db_connect_timeout: int = Field(default=3, ge=1, le=60)
+    statement_timeout: float = Field(default=30.0, gt=0)
+
+    # --- workers and jobs -------------------------------------------------------------------
+    job_timeout: int = Field(default=120, ge=5)
+    #: seconds a finished job's hash is kept (the producer checks its jobs against it).
+    result_ttl: int = Field(default=900, ge=60)
+    #: seconds a failed batch is kept in the failed registry (RQ's default is a year).
+    failed_ttl: int = Field(default=7 * 86400, ge=60)
+    #: back-off between retries of a batch that failed for a database outage (seconds).
+    retry_intervals: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 60, 60, 120, 120, 300, 300)
+    #: how often a live worker checks for abandoned jobs (a worker that was SIGKILLed).
+    maintenance_interval: int = Field(default=10, ge=1)
+    #: the started-job lease: a job whose worker stops heart-beating is re-run after this.
+    job_lease: int = Field(default=15, ge=3)
+    health_ttl: int = Field(default=15, ge=2)
+
+    # --- retention ----------------------------------------------------------------------------
+    tombstone_retention: float = Field(default=30 * 86400.0, gt=0)
+    #: scrollback kept per pane in the database (the oldest chunks beyond it are deleted).
+    history_retention_bytes: int = Field(default=8 << 20, ge=0)
+
+    @field_validator("tombstone_retention", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read ``REDIS_URL``, ``DATABASE_URL`` and ``PERTH_*``; keyword arguments win."""
+        return cls(**overrides)
+
+    def with_urls(self, redis_url: str | None, database_url: str | None) -> Settings:
+        return self.model_copy(update={"redis_url": redis_url, "database_url": database_url})
+
+    def masked(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["redis_url"] = mask_url(self.redis_url)
+        data["database_url"] = mask_url(self.database_url)
+        return data

@@ -1,0 +1,248 @@
+-- The statements of workers.applier: one batch, one transaction, one statement per kind.
+--
+-- A batch is first copied (COPY) into temporary staging tables, then merged with one
+-- set-based statement per entity kind. Rows are merged in key order, so that two
+-- batches merging overlapping rows lock them in the same order. Every merge is
+-- idempotent and commutative: a row changes only when the incoming (version, origin) is
+-- higher, and a write below its own tombstone or an ancestor's is dead.
+
+-- name: create_stage
+CREATE TEMP TABLE IF NOT EXISTS stage_sessions (
+    id uuid, name text, template_name text, created_at timestamptz, last_active timestamptz,
+    version bigint, origin text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_touches (id uuid, last_active timestamptz) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_tabs (
+    id uuid, session_id uuid, position integer, name text, layout_blob jsonb, version bigint, origin text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_panes (
+    id uuid, tab_id uuid, pane_id text, pane_type text, component_state jsonb, title text, cwd text,
+    command text, session_id uuid, version bigint, origin text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_history (
+    pane_id uuid, chunk_index integer, content bytea, encoding text, raw_size integer, tab_id uuid,
+    session_id uuid, version bigint, origin text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_deletes (
+    kind text, id uuid, version bigint, origin text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_templates (
+    name text, id uuid, definition jsonb, version bigint, origin text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_template_deletes (
+    name text, version bigint, origin text
+) ON COMMIT DELETE ROWS;
+
+-- name: lock_keys
+-- One advisory lock per session (and per template name) the batch touches, taken in the
+-- sorted order of the array: everything under one session is applied by one transaction at
+-- a time, so parent checks and cascades see a stable tree and never deadlock.
+SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%(keys)s::bigint[]) WITH ORDINALITY AS u(k, n);
+
+-- name: copy_sessions
+COPY stage_sessions (id, name, template_name, created_at, last_active, version, origin) FROM STDIN
+
+-- name: copy_touches
+COPY stage_touches (id, last_active) FROM STDIN
+
+-- name: copy_tabs
+COPY stage_tabs (id, session_id, position, name, layout_blob, version, origin) FROM STDIN
+
+-- name: copy_panes
+COPY stage_panes (id, tab_id, pane_id, pane_type, component_state, title, cwd, command, session_id, version, origin) FROM STDIN
+
+-- name: copy_history
+COPY stage_history (pane_id, chunk_index, content, encoding, raw_size, tab_id, session_id, version, origin) FROM STDIN
+
+-- name: copy_deletes
+COPY stage_deletes (kind, id, version, origin) FROM STDIN
+
+-- name: copy_templates
+COPY stage_templates (name, id, definition, version, origin) FROM STDIN
+
+-- name: copy_template_deletes
+COPY stage_template_deletes (name, version, origin) FROM STDIN
+
+-- name: upsert_tombstones
+INSERT INTO tombstones AS t (id, kind, version, origin)
+SELECT DISTINCT ON (id) id, kind, version, origin
+FROM stage_deletes
+ORDER BY id, version DESC, origin DESC
+ON CONFLICT (id) DO UPDATE
+SET kind = EXCLUDED.kind, version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now()
+WHERE (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin);
+
+-- name: delete_sessions
+DELETE FROM sessions x USING stage_deletes d
+WHERE d.kind = 'session' AND x.id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_tabs
+DELETE FROM tabs x USING stage_deletes d
+WHERE d.kind = 'tab' AND x.id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_tabs_of_sessions
+DELETE FROM tabs x USING stage_deletes d
+WHERE d.kind = 'session' AND x.session_id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_panes
+DELETE FROM panes x USING stage_deletes d
+WHERE d.kind = 'pane' AND x.id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_panes_of_tabs
+DELETE FROM panes x USING stage_deletes d
+WHERE d.kind = 'tab' AND x.tab_id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_panes_of_sessions
+DELETE FROM panes x USING stage_deletes d
+WHERE d.kind = 'session' AND x.session_id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_history_of_panes
+DELETE FROM pane_history x USING stage_deletes d
+WHERE d.kind = 'pane' AND x.pane_id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_history_of_tabs
+DELETE FROM pane_history x USING stage_deletes d
+WHERE d.kind = 'tab' AND x.tab_id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: delete_history_of_sessions
+DELETE FROM pane_history x USING stage_deletes d
+WHERE d.kind = 'session' AND x.session_id = d.id AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: upsert_sessions
+-- last_active only grows (a max register, so the order of apply does not matter);
+-- every other field is last-writer-wins by (version, origin).
+INSERT INTO sessions AS x (id, name, template_name, created_at, last_active, version, origin)
+SELECT s.id, s.name, s.template_name, s.created_at, s.last_active, s.version, s.origin
+FROM stage_sessions s
+WHERE NOT EXISTS (
+    SELECT 1 FROM tombstones t WHERE t.id = s.id AND (t.version, t.origin) > (s.version, s.origin)
+)
+ORDER BY s.id
+ON CONFLICT (id) DO UPDATE SET
+    name = CASE WHEN (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin)
+                THEN EXCLUDED.name ELSE x.name END,
+    template_name = CASE WHEN (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin)
+                         THEN EXCLUDED.template_name ELSE x.template_name END,
+    created_at = CASE WHEN (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin)
+                      THEN EXCLUDED.created_at ELSE x.created_at END,
+    last_active = GREATEST(x.last_active, EXCLUDED.last_active),
+    origin = CASE WHEN (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin)
+                  THEN EXCLUDED.origin ELSE x.origin END,
+    version = GREATEST(x.version, EXCLUDED.version),
+    updated_at = now()
+WHERE (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin) OR x.last_active < EXCLUDED.last_active;
+
+-- name: apply_touches
+UPDATE sessions x
+SET last_active = s.last_active, updated_at = now()
+FROM (SELECT id, max(last_active) AS last_active FROM stage_touches GROUP BY id ORDER BY id) s
+WHERE x.id = s.id AND x.last_active < s.last_active;
+
+-- name: upsert_tabs
+INSERT INTO tabs AS x (id, session_id, position, name, layout_blob, version, origin)
+SELECT s.id, s.session_id, s.position, s.name, s.layout_blob, s.version, s.origin
+FROM stage_tabs s
+WHERE NOT EXISTS (
+    SELECT 1 FROM tombstones t
+    WHERE t.id IN (s.id, s.session_id) AND (t.version, t.origin) > (s.version, s.origin)
+)
+ORDER BY s.id
+ON CONFLICT (id) DO UPDATE SET
+    session_id = EXCLUDED.session_id,
+    position = EXCLUDED.position,
+    name = EXCLUDED.name,
+    layout_blob = EXCLUDED.layout_blob,
+    version = EXCLUDED.version,
+    origin = EXCLUDED.origin,
+    updated_at = now()
+WHERE (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin);
+
+-- name: upsert_panes
+INSERT INTO panes AS x (id, tab_id, pane_id, pane_type, component_state, title, cwd, command,
+                        session_id, version, origin)
+SELECT s.id, s.tab_id, s.pane_id, s.pane_type, s.component_state, s.title, s.cwd, s.command,
+       s.session_id, s.version, s.origin
+FROM stage_panes s
+WHERE NOT EXISTS (
+    SELECT 1 FROM tombstones t
+    WHERE t.id IN (s.id, s.tab_id, s.session_id) AND (t.version, t.origin) > (s.version, s.origin)
+)
+ORDER BY s.id
+ON CONFLICT (id) DO UPDATE SET
+    tab_id = EXCLUDED.tab_id,
+    pane_id = EXCLUDED.pane_id,
+    pane_type = EXCLUDED.pane_type,
+    component_state = EXCLUDED.component_state,
+    title = EXCLUDED.title,
+    cwd = EXCLUDED.cwd,
+    command = EXCLUDED.command,
+    session_id = EXCLUDED.session_id,
+    version = EXCLUDED.version,
+    origin = EXCLUDED.origin,
+    updated_at = now()
+WHERE (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin);
+
+-- name: upsert_history
+INSERT INTO pane_history AS x (pane_id, chunk_index, content, encoding, raw_size, tab_id, session_id,
+                               version, origin)
+SELECT s.pane_id, s.chunk_index, s.content, s.encoding, s.raw_size, s.tab_id, s.session_id,
+       s.version, s.origin
+FROM stage_history s
+WHERE NOT EXISTS (
+    SELECT 1 FROM tombstones t
+    WHERE t.id IN (s.pane_id, s.tab_id, s.session_id) AND (t.version, t.origin) > (s.version, s.origin)
+)
+ORDER BY s.pane_id, s.chunk_index
+ON CONFLICT (pane_id, chunk_index) DO UPDATE SET
+    content = EXCLUDED.content,
+    encoding = EXCLUDED.encoding,
+    raw_size = EXCLUDED.raw_size,
+    tab_id = EXCLUDED.tab_id,
+    session_id = EXCLUDED.session_id,
+    version = EXCLUDED.version,
+    origin = EXCLUDED.origin,
+    created_at = now()
+WHERE (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin);
+
+-- name: retain_history
+-- Keep the newest %(keep)s bytes of scrollback of each pane this batch appended to.
+DELETE FROM pane_history h
+USING (
+    SELECT id FROM (
+        SELECT id, sum(raw_size) OVER (PARTITION BY pane_id ORDER BY chunk_index DESC) AS newer_bytes
+        FROM pane_history
+        WHERE pane_id IN (SELECT DISTINCT pane_id FROM stage_history)
+    ) w
+    WHERE w.newer_bytes > %(keep)s
+) old
+WHERE h.id = old.id;
+
+-- name: upsert_template_tombstones
+INSERT INTO template_tombstones AS t (name, version, origin)
+SELECT DISTINCT ON (name) name, version, origin
+FROM stage_template_deletes
+ORDER BY name, version DESC, origin DESC
+ON CONFLICT (name) DO UPDATE
+SET version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now()
+WHERE (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin);
+
+-- name: delete_templates
+DELETE FROM templates x USING stage_template_deletes d
+WHERE x.name = d.name AND (x.version, x.origin) < (d.version, d.origin);
+
+-- name: upsert_templates
+INSERT INTO templates AS x (name, id, definition, version, origin)
+SELECT s.name, s.id, s.definition, s.version, s.origin
+FROM stage_templates s
+WHERE NOT EXISTS (
+    SELECT 1 FROM template_tombstones t
+    WHERE t.name = s.name AND (t.version, t.origin) > (s.version, s.origin)
+)
+ORDER BY s.name
+ON CONFLICT (name) DO UPDATE SET
+    id = EXCLUDED.id,
+    definition = EXCLUDED.definition,
+    version = EXCLUDED.version,
+    origin = EXCLUDED.origin,
+    updated_at = now()
+WHERE (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin);

@@ -1,0 +1,66 @@
+-- Named queries of the producer side (restores, look-ups). Loaded by perth_pipeline.queries.
+-- Each starts with a "-- name: <name>" line; parameters are psycopg placeholders.
+
+-- name: restore_session
+SELECT id, name, template_name, created_at, last_active, version
+FROM sessions
+WHERE id = %(id)s;
+
+-- name: restore_tabs
+SELECT id, session_id, position, name, layout_blob, version
+FROM tabs
+WHERE session_id = %(session_id)s
+ORDER BY position, id;
+
+-- name: restore_panes
+SELECT id, tab_id, pane_id, pane_type, component_state, title, cwd, command, version
+FROM panes
+WHERE tab_id = %(tab_id)s
+ORDER BY pane_id, id;
+
+-- name: restore_panes_of_session
+SELECT p.id, p.tab_id, p.pane_id, p.pane_type, p.component_state, p.title, p.cwd, p.command, p.version
+FROM panes p
+JOIN tabs t ON t.id = p.tab_id
+WHERE t.session_id = %(session_id)s
+ORDER BY p.tab_id, p.pane_id, p.id;
+
+-- name: pane_history
+SELECT chunk_index, encoding, raw_size, content
+FROM pane_history
+WHERE pane_id = %(pane_id)s
+ORDER BY chunk_index;
+
+-- name: list_sessions
+SELECT id, name, template_name, created_at, last_active, version
+FROM sessions
+ORDER BY last_active DESC, id
+LIMIT %(limit)s;
+
+-- name: get_template
+SELECT id, name, definition, version
+FROM templates
+WHERE name = %(name)s;
+
+-- name: list_templates
+SELECT id, name, definition, version
+FROM templates
+ORDER BY name;
+
+-- name: session_of_tab
+SELECT session_id FROM tabs WHERE id = %(tab_id)s;
+
+-- name: route_of_pane
+SELECT tab_id, session_id FROM panes WHERE id = %(pane_id)s;
+
+-- name: tab_routes
+SELECT id, session_id FROM tabs WHERE id = ANY(%(ids)s);
+
+-- name: pane_routes
+SELECT id, tab_id, session_id FROM panes WHERE id = ANY(%(ids)s);
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) AS version FROM schema_migrations;
+
+-- name: ping
+SELECT 1;

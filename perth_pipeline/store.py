@@ -1,0 +1,205 @@
+"""Reads and administration against PostgreSQL, for the producer side and the command line.
+
+Every statement lives in ``schema.sql`` or ``perth_pipeline/sql/*.sql``. Driver
+errors are translated here, in one place (:func:`wrap_errors`), into the
+project's own hierarchy. The connection is opened lazily with explicit
+connect and statement timeouts, and reopened after it breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import zstandard
+from psycopg.rows import dict_row
+
+from .errors import DatabaseUnavailable, PersistenceError
+from .queries import load_queries, schema_sql
+from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .settings import mask_url
+
+__all__ = ["Store", "connect", "wrap_errors"]
+
+logger = logging.getLogger("perth_pipeline.store")
+
+_SCHEMA_LOCK = 0x7065727468  # "perth": serializes concurrent init-db runs
+
+
+@contextmanager
+def wrap_errors(url: str | None = None) -> Iterator[None]:
+    """Translate psycopg's connection-level errors into :class:`DatabaseUnavailable`."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"PostgreSQL unavailable at {mask_url(url)}: {_first_line(exc)}") from exc
+    except psycopg.errors.UndefinedTable as exc:
+        raise PersistenceError(
+            f"the database at {mask_url(url)} has no perth-pipeline schema: run `perth-pipeline init-db`"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def connect(
+    url: str, *, connect_timeout: int = 3, statement_timeout: float = 30.0, autocommit: bool = True
+) -> psycopg.Connection[Any]:
+    """A connection with explicit timeouts (a dead server fails fast, a stuck statement is cancelled)."""
+    with wrap_errors(url):
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            connect_timeout=connect_timeout,
+            options=f"-c statement_timeout={int(statement_timeout * 1000)}",
+            application_name="perth-pipeline",
+        )
+
+
+class Store:
+    """One lazily-opened connection, used under a lock (reads are short)."""
+
+    def __init__(self, url: str, *, connect_timeout: int = 3, statement_timeout: float = 30.0) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+        self._q = load_queries("reads.sql")
+        self._zstd = zstandard.ZstdDecompressor()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._lock:
+            try:
+                with wrap_errors(self.url):
+                    if self._conn is None or self._conn.closed:
+                        self._conn = connect(
+                            self.url,
+                            connect_timeout=self.connect_timeout,
+                            statement_timeout=self.statement_timeout,
+                        )
+                    yield self._conn
+            except DatabaseUnavailable:
+                self._discard()
+                raise
+
+    def _discard(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail; it is gone
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard()
+
+    def _all(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(self._q[query], params)
+            return cur.fetchall()
+
+    def _one(self, query: str, **params: Any) -> dict[str, Any] | None:
+        rows = self._all(query, **params)
+        return rows[0] if rows else None
+
+    # --- administration -------------------------------------------------------------------
+
+    def init_db(self) -> int:
+        """Apply schema.sql (idempotent, serialized across hosts). Returns the schema version."""
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            conn.execute(schema_sql().encode())
+        return self.schema_version()
+
+    def schema_version(self) -> int:
+        row = self._one("schema_version")
+        return int(row["version"]) if row else 0
+
+    def ping(self) -> bool:
+        self._one("ping")
+        return True
+
+    def server_version(self) -> str:
+        with self.connection() as conn:
+            return str(conn.info.parameter_status("server_version") or "unknown")
+
+    # --- reads (each returns the row versions, so the producer's clock can observe them) -------
+
+    def session(self, session_id: UUID) -> tuple[SessionRecord, int] | None:
+        row = self._one("restore_session", id=session_id)
+        if row is None:
+            return None
+        version = row.pop("version")
+        return SessionRecord.model_validate(row), version
+
+    def tabs(self, session_id: UUID) -> list[tuple[TabRecord, int]]:
+        out = []
+        for row in self._all("restore_tabs", session_id=session_id):
+            version = row.pop("version")
+            out.append((TabRecord.model_validate(row), version))
+        return out
+
+    def panes(self, tab_id: UUID) -> list[tuple[PaneRecord, int]]:
+        out = []
+        for row in self._all("restore_panes", tab_id=tab_id):
+            version = row.pop("version")
+            out.append((PaneRecord.model_validate(row), version))
+        return out
+
+    def history(self, pane_id: UUID) -> bytes:
+        parts = []
+        for row in self._all("pane_history", pane_id=pane_id):
+            content = bytes(row["content"])
+            if row["encoding"] == "zstd":
+                content = self._zstd.decompress(content, max_output_size=max(row["raw_size"], 1))
+            parts.append(content)
+        return b"".join(parts)
+
+    def sessions(self, limit: int = 10_000) -> list[tuple[SessionRecord, int]]:
+        out = []
+        for row in self._all("list_sessions", limit=limit):
+            version = row.pop("version")
+            out.append((SessionRecord.model_validate(row), version))
+        return out
+
+    def template(self, name: str) -> tuple[TemplateRecord, int] | None:
+        row = self._one("get_template", name=name)
+        if row is None:
+            return None
+        version = row.pop("version")
+        return TemplateRecord.model_validate(row), version
+
+    def templates(self) -> list[tuple[TemplateRecord, int]]:
+        out = []
+        for row in self._all("list_templates"):
+            version = row.pop("version")
+            out.append((TemplateRecord.model_validate(row), version))
+        return out
+
+    def session_of_tab(self, tab_id: UUID) -> UUID | None:
+        row = self._one("session_of_tab", tab_id=tab_id)
+        return row["session_id"] if row else None
+
+    def route_of_pane(self, pane_id: UUID) -> tuple[UUID, UUID] | None:
+        row = self._one("route_of_pane", pane_id=pane_id)
+        return (row["tab_id"], row["session_id"]) if row else None
+
+    def routes(
+        self, tab_ids: list[UUID], pane_ids: list[UUID]
+    ) -> tuple[dict[UUID, UUID], dict[UUID, tuple[UUID, UUID]]]:
+        tabs = {r["id"]: r["session_id"] for r in self._all("tab_routes", ids=tab_ids)} if tab_ids else {}
+        panes = (
+            {r["id"]: (r["tab_id"], r["session_id"]) for r in self._all("pane_routes", ids=pane_ids)}
+            if pane_ids
+            else {}
+        )
+        return tabs, panes

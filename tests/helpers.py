@@ -1,0 +1,122 @@
+"""Shared test helpers: records, waiting on conditions, running workers."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+
+from perth_pipeline import PaneRecord, SessionRecord, TabRecord
+from perth_pipeline.settings import Settings
+
+T = TypeVar("T")
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip on a laptop without the service; fail under CI=true (a green CI never means skipped)."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T = predicate()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+        last = predicate()
+    return last
+
+
+def now(offset: float = 0.0) -> datetime:
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=offset)
+
+
+def session(name: str = "main", **kw: Any) -> SessionRecord:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "name": name,
+        "template_name": None,
+        "created_at": now(),
+        "last_active": now(),
+    }
+    values.update(kw)
+    return SessionRecord(**values)
+
+
+def tab(session_id: uuid.UUID, position: int = 0, **kw: Any) -> TabRecord:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "session_id": session_id,
+        "position": position,
+        "name": f"tab {position}",
+        "layout_blob": {"direction": "vertical", "sizes": [50, 50]},
+    }
+    values.update(kw)
+    return TabRecord(**values)
+
+
+def pane(tab_id: uuid.UUID, n: int = 0, **kw: Any) -> PaneRecord:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "tab_id": tab_id,
+        "pane_id": f"terminal_{n}",
+        "pane_type": "terminal",
+        "component_state": {"scroll": n},
+        "title": f"zsh {n}",
+        "cwd": "/home/perth",
+        "command": None,
+    }
+    values.update(kw)
+    return PaneRecord(**values)
+
+
+def test_settings(redis_url: str | None, database_url: str | None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "queue": f"perth-test-{uuid.uuid4().hex[:10]}",
+        "flush_interval": 0.01,
+        "maintenance_interval": 2,
+        "job_lease": 6,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]
+
+
+def drain(settings: Settings) -> bool:
+    """Run one in-process worker in burst mode: applies everything queued now. True if it worked."""
+    from perth_pipeline.broker import make_queue, make_redis
+    from workers.worker import PerthJob, PerthWorker
+
+    connection = make_redis(settings.redis_url or "", connect_timeout=2.0, socket_timeout=30.0)
+    try:
+        queue = make_queue(settings.queue, connection, job_class=PerthJob)
+        worker = PerthWorker([queue], settings=settings, connection=connection)
+        return bool(worker.work(burst=True, with_scheduler=False, logging_level="WARNING"))
+    finally:
+        connection.close()
+
+
+def settle(manager: Any, settings: Settings, timeout: float = 20.0) -> None:
+    """Deliver everything the manager holds: send, apply with burst workers, until flush() says committed."""
+    deadline = time.monotonic() + timeout
+    while not manager.flush(timeout=0.2):
+        drain(settings)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"writes not committed within {timeout}s: {manager.stats()}")

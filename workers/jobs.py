@@ -1,0 +1,198 @@
+"""The job functions that cross the queue. ``apply_batch`` is the one producers send.
+
+A worker runs only the functions in :data:`ALLOWED` (see ``workers.worker``).
+Their arguments are JSON, validated here by the same models the producer
+used; nothing is ever unpickled.
+
+Failures are of two kinds:
+
+* the database is unreachable, restarting or timing out: the exception goes up
+  and RQ retries the batch with growing back-off;
+* the payload is not a valid batch (:class:`PoisonBatch`): the batch goes to
+  the failed registry at once with the reason, and is not retried. Valid
+  operations of a batch with an invalid neighbour are applied first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import redis
+from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from rq import get_current_job
+
+from perth_pipeline.broker import make_redis
+from perth_pipeline.errors import DatabaseUnavailable
+from perth_pipeline.records import (
+    BATCH_ADAPTER,
+    MAX_OPS_PER_BATCH,
+    SUPPORTED_FORMATS,
+    Batch,
+    Operation,
+    upgrade_payload,
+)
+from perth_pipeline.settings import Settings
+
+from .context import JobContext
+
+__all__ = ["ALLOWED", "PoisonBatch", "apply_batch", "bind", "parse_batch"]
+
+logger = logging.getLogger("workers.jobs")
+
+
+class _Process:
+    """State of this worker process: its context, bound by the worker class at start."""
+
+    context: JobContext | None = None
+
+
+_OP_ADAPTER: TypeAdapter[Any] = TypeAdapter(Operation)
+
+
+class PoisonBatch(Exception):
+    """The job's payload cannot be applied, now or later: it goes to the failed registry."""
+
+
+def bind(context: JobContext | None) -> None:
+    """Set the worker process's context (its PostgreSQL connection and Redis client)."""
+    _Process.context = context
+
+
+def _current_context() -> JobContext:
+    if _Process.context is None:
+        # run outside our worker (a plain `rq worker`): build the context from the environment
+        settings = Settings.from_env()
+        if not settings.redis_url:
+            raise DatabaseUnavailable("no worker context and no REDIS_URL")
+        _Process.context = JobContext(settings, make_redis(settings.redis_url, socket_timeout=10.0))
+    return _Process.context
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int
+    id: Any
+    origin: Any
+    created_at: AwareDatetime | str
+    ops: list[Any]
+
+
+def _reasons(exc: ValidationError, prefix: str = "") -> list[str]:
+    # include_input=False: a reason must not carry the user's data (titles, paths, scrollback)
+    out = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        out.append(f"{prefix}{loc}: {err['msg']}" if loc else f"{prefix}{err['msg']}")
+    return out
+
+
+def parse_batch(payload: Any) -> tuple[Batch, list[Any], list[str]]:
+    """Validate a payload: (the batch, its valid operations, reasons for the invalid ones).
+
+    Raises :class:`PoisonBatch` when the envelope itself is invalid or no operation is.
+    """
+    payload = upgrade_payload(payload)
+    if not isinstance(payload, dict):
+        raise PoisonBatch(f"payload is a JSON {type(payload).__name__}, not a batch object")
+    try:
+        batch = BATCH_ADAPTER.validate_python(payload)
+        return batch, list(batch.ops), []
+    except ValidationError:
+        pass
+    try:
+        envelope = _Envelope.model_validate(payload)
+    except ValidationError as exc:
+        raise PoisonBatch("invalid batch envelope: " + "; ".join(_reasons(exc)[:5])) from None
+    if envelope.format not in SUPPORTED_FORMATS:
+        raise PoisonBatch(f"batch format {envelope.format} is not supported (supported: {SUPPORTED_FORMATS})")
+    if not envelope.ops or len(envelope.ops) > MAX_OPS_PER_BATCH:
+        raise PoisonBatch(f"a batch holds 1 to {MAX_OPS_PER_BATCH} operations, not {len(envelope.ops)}")
+    valid: list[Any] = []
+    rejected: list[str] = []
+    for index, raw in enumerate(envelope.ops):
+        try:
+            valid.append(_OP_ADAPTER.validate_python(raw))
+        except ValidationError as exc:
+            rejected.extend(_reasons(exc, f"ops[{index}]."))
+    try:
+        batch = BATCH_ADAPTER.validate_python({**payload, "ops": valid or [None]})
+    except ValidationError as exc:
+        raise PoisonBatch("invalid batch envelope: " + "; ".join(_reasons(exc)[:5])) from None
+    if not valid:
+        raise PoisonBatch(f"none of the {len(envelope.ops)} operations is valid: " + "; ".join(rejected[:5]))
+    return batch, valid, rejected
+
+
+def _refuse(reason: str) -> PoisonBatch:
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0  # retrying cannot help: straight to the failed registry
+        # tells the producer not to send the same entities again (it would be refused again)
+        job.meta["perth_refused"] = reason[:500]
+        with contextlib.suppress(redis.RedisError):
+            job.save_meta()  # type: ignore[no-untyped-call]
+    return PoisonBatch(reason)
+
+
+def apply_batch(payload: Any) -> dict[str, Any]:
+    """Apply one batch in one transaction. The only job producers send."""
+    try:
+        batch, ops, rejected = parse_batch(payload)
+    except PoisonBatch as exc:
+        raise _refuse(str(exc)) from None
+    context = _current_context()
+    try:
+        result = context.applier.apply(context.connection(), batch, ops)
+    except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+        context.discard_connection()
+        context.database_failed(exc)
+        raise
+    except psycopg.errors.QueryCanceled:
+        raise  # statement_timeout: retried with back-off
+    except psycopg.Error as exc:
+        raise _refuse(f"the database refused the batch: {type(exc).__name__}: {_first_line(exc)}") from None
+    context.database_ok()
+    _settle_outstanding(context, batch)
+    logger.info(
+        "applied batch %s: %d ops, %d sessions, %d rows in %.1f ms",
+        batch.id,
+        result.ops,
+        result.sessions,
+        result.rows_written,
+        result.ms,
+        extra={"batch_id": str(batch.id), **result.as_dict()},
+    )
+    if rejected:
+        raise _refuse(
+            f"{len(rejected)} invalid operation field(s) refused (the {len(ops)} valid operations "
+            f"were applied): " + "; ".join(rejected[:10])
+        )
+    return result.as_dict()
+
+
+def _settle_outstanding(context: JobContext, batch: Batch) -> None:
+    """The batch is committed: reads of its sessions no longer wait for it."""
+    job = get_current_job()
+    job_id = job.id if job is not None else str(batch.id)
+    try:
+        with context.redis.pipeline(transaction=False) as pipe:
+            for session_id in batch.session_ids():
+                pipe.zrem(context.keys.outstanding(session_id), job_id)
+            pipe.execute()
+    except redis.RedisError:
+        pass  # readers skip batches that are no longer queued or started anyway
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: The job functions a worker runs, by the name producers put on the queue.
+ALLOWED: dict[str, Callable[..., Any]] = {
+    "workers.jobs.apply_batch": apply_batch,
+}
