@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import click
 
@@ -16,10 +16,10 @@ from .errors import NotFound, PersistenceError
 from .logs import configure_logging
 from .settings import Settings
 
-__all__ = ["main"]
+__all__ = ["CliState", "cli", "fail", "init_schema", "main"]
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -28,10 +28,10 @@ def _session_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        _fail(f"SESSION_ID {value!r} is not a UUID (expected e.g. 7f0c2d3e-...)", code=2)
+        fail(f"SESSION_ID {value!r} is not a UUID (expected e.g. 7f0c2d3e-...)", code=2)
 
 
-class _State:
+class CliState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.servers: Any = None
@@ -44,10 +44,10 @@ class _State:
         s = self.settings
         if s.redis_url and s.database_url:
             if init == "always":
-                _init_schema(s.database_url)
+                init_schema(s.database_url)
             return s
         if s.redis_url or s.database_url:
-            _fail("set both REDIS_URL and DATABASE_URL, or neither to use the embedded servers")
+            fail("set both REDIS_URL and DATABASE_URL, or neither to use the embedded servers")
         from .embedded import EmbeddedServers
 
         click.echo(f"no REDIS_URL/DATABASE_URL: using embedded servers in {s.data_dir}", err=True)
@@ -55,28 +55,28 @@ class _State:
         try:
             redis_url, database_url = self.servers.start()
         except PersistenceError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         ctx.call_on_close(self.servers.stop)
         self.settings = s.with_urls(redis_url, database_url)
         if init in ("always", "embedded"):
-            _init_schema(database_url)
+            init_schema(database_url)
         return self.settings
 
 
-def _init_schema(database_url: str) -> int:
+def init_schema(database_url: str) -> int:
     from .store import Store
 
     store = Store(database_url)
     try:
         return store.init_db()
     except PersistenceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         store.close()
 
 
 def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path | None, wait: float) -> None:
-    state: _State = ctx.obj
+    state: CliState = ctx.obj
     sid = _session_id(session_id)
     settings = state.backends(ctx)
     from .producer import PersistenceManager
@@ -86,9 +86,9 @@ def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path |
     try:
         document = session_document(manager, sid, wait=wait, with_history=with_history is not None)
     except NotFound:
-        _fail(f"session {sid} is not stored (or was deleted)")
+        fail(f"session {sid} is not stored (or was deleted)")
     except PersistenceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         manager.close(timeout=0)
     if with_history is not None:
@@ -106,7 +106,50 @@ def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path |
         click.echo(json.dumps(document, indent=2))
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Commands that live in their own modules, imported only when they run (a quick --help)."""
+
+    lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
+        # name: (module, attribute, one-line help)
+        "bench": ("benchmarks.harness", "bench_command", "Measure the pipeline beside the naive design."),
+        "cleanup": ("perth_pipeline.retention", "cleanup_command", "Remove old sessions and tombstones."),
+        "scheduler": ("perth_pipeline.scheduler", "scheduler_command", "Enqueue periodic jobs (cleanup)."),
+        "templates": ("perth_pipeline.templates", "templates_command", "List, show, save, delete templates."),
+        "requeue-failed": (
+            "perth_pipeline.requeue",
+            "requeue_command",
+            "Send failed batches back to the queue.",
+        ),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module_name, attribute, _ = self.lazy[cmd_name]
+            try:
+                command = getattr(importlib.import_module(module_name), attribute)
+            except (ImportError, AttributeError) as exc:
+                fail(f"the {cmd_name} command is not available in this installation: {exc}")
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(60)) for name, cmd in self.commands.items()]
+        rows += [(name, help_text) for name, (_, _, help_text) in self.lazy.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+@click.group(
+    cls=_LazyGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--restore-from-db",
     "restore_from_db",
@@ -131,12 +174,12 @@ def cli(ctx: click.Context, restore_from_db: str | None, log_level: str, log_for
     configure_logging(log_level, log_format)
     os.environ["PERTH_LOG_LEVEL"], os.environ["PERTH_LOG_FORMAT"] = log_level, log_format
     try:
-        ctx.obj = _State(Settings.from_env())
+        ctx.obj = CliState(Settings.from_env())
     except ValueError as exc:
-        _fail(f"invalid configuration: {exc}", code=2)
+        fail(f"invalid configuration: {exc}", code=2)
     if restore_from_db is not None:
         if ctx.invoked_subcommand is not None:
-            _fail("--restore-from-db cannot be combined with a command", code=2)
+            fail("--restore-from-db cannot be combined with a command", code=2)
         _restore(ctx, restore_from_db, "json", None, ctx.obj.settings.read_wait)
         return
     if ctx.invoked_subcommand is None:
@@ -148,7 +191,7 @@ def cli(ctx: click.Context, restore_from_db: str | None, log_level: str, log_for
 def init_db(ctx: click.Context) -> None:
     """Apply schema.sql (idempotent) and print the schema version."""
     settings = ctx.obj.backends(ctx)
-    click.echo(f"schema version {_init_schema(settings.database_url or '')}")
+    click.echo(f"schema version {init_schema(settings.database_url or '')}")
 
 
 @cli.command()
@@ -210,7 +253,7 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
     try:
         rows = store.sessions()
     except PersistenceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         store.close()
     if as_json:

