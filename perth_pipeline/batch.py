@@ -1,11 +1,25 @@
 """Turning drained buffer state into batches: the JSON that goes on the queue.
 
-This runs in the flusher thread. It writes the wire format of
-:mod:`perth_pipeline.records` directly (plain dicts through the C JSON encoder,
-a few microseconds an operation) and yields the interpreter lock every few
-operations, so that no stretch of it keeps a write call of the terminal waiting
-for more than about a millisecond (CPython hands the lock over only every 5 ms
-otherwise). Batches are cut at ``max_ops`` operations or ``max_bytes`` of JSON.
+This runs in the flusher thread, beside the terminal's threads, so it is written
+for two things:
+
+* Speed. Each operation is written as JSON text directly: fixed keys in an
+  f-string, strings through the C string encoder of :mod:`json`, JSON fields
+  through one reusable C encoder, UUIDs of parents formatted once per batch. No
+  intermediate dict, no :class:`json.JSONEncoder` set up per call. The text is
+  the wire format of :mod:`perth_pipeline.records` (the workers validate it with
+  those models).
+* Short stretches. CPython lets a thread that waits for the interpreter lock take
+  it by force only after ``sys.getswitchinterval()`` (5 ms), so a long pure-Python
+  loop here would make a write call of the terminal wait that long. The encoder
+  checks the clock every few operations and, after about half a millisecond of
+  work, sleeps for a few microseconds: a real sleep, which releases the lock long
+  enough for a waiting thread to take it (``time.sleep(0)`` releases it for so
+  short a moment that the waiting thread rarely gets it, and the wait starts over).
+
+Batches are cut at ``max_ops`` operations or ``max_bytes`` of JSON. Each batch's job data
+is also compressed here, once, at zlib level 1 (:class:`PackedJob` hands it to Redis as it is:
+RQ would compress it again at level 6, about 9 ms for a batch of 1,000 panes on a small machine).
 """
 
 from __future__ import annotations
@@ -14,28 +28,60 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any
 from uuid import UUID
 
 import zstandard
+from rq.job import Job
 
-from .buffer import PANE, SESSION, TAB, TEMPLATE, Chunk, Drained, Item, Touch
+from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
 from .records import FORMAT_VERSION, PaneRecord, SessionRecord, TabRecord, TemplateRecord
 
-__all__ = ["JOB_FUNCTION", "EncodedBatch", "encode_batches"]
+__all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches", "json_text"]
 
 #: The one job function that crosses the queue (workers allowlist it by this name).
 JOB_FUNCTION = "workers.jobs.apply_batch"
 
-#: Operations encoded between two voluntary releases of the interpreter lock.
-_SLICE = 32
+#: Seconds of encoding after which the flusher lets the terminal's threads run.
+_SLICE = 0.0005
+#: How long it sleeps then: long enough for a waiting thread to wake and take the lock.
+_YIELD = 0.00002
+#: Operations encoded between two looks at the clock.
+_CHECK_EVERY = 8
 #: Chunks smaller than this are sent as they are: compressing them saves nothing.
 _MIN_COMPRESS = 128
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_ORDER = {SESSION: 0, TAB: 1, PANE: 2}  # templates last: a batch reads top-down
+
+
+def _json_encoder() -> Callable[[Any], str]:
+    """Compact JSON of a value through one C encoder made once (not one per call)."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is not None:
+        try:
+            # markers=None: no cycle check (JSON fields are deep copies made on acceptance)
+            encoder = c_make_encoder(None, None, encode_basestring, None, ":", ",", False, False, False)
+            encoder({}, 0)
+        except TypeError:  # another signature than CPython 3.11 to 3.13's
+            pass
+        else:
+            return lambda value: "".join(encoder(value, 0))
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+_json = _json_encoder()
+#: Compact JSON of a JSON value (``json.dumps(separators=(",", ":"), ensure_ascii=False)``), faster.
+json_text = _json
+_str = encode_basestring  # a quoted, escaped JSON string (as json.dumps(ensure_ascii=False))
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _str(value)
 
 
 @dataclass(slots=True)
@@ -45,6 +91,7 @@ class EncodedBatch:
     id: str
     data: bytes  # RQ job data: JSON of [function, instance, args, kwargs]
     description: str
+    packed: bytes = b""  # ``data`` compressed (zlib), as RQ stores it
     items: list[Item] = field(default_factory=list)
     touches: list[Touch] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
@@ -57,129 +104,163 @@ class EncodedBatch:
         return len(self.items) + len(self.touches) + len(self.chunks)
 
 
-def _iso(value: datetime) -> str:
-    return value.isoformat()
+class _Ids:
+    """The text of UUIDs that repeat within a batch (a tab's or a session's id under many panes)."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self) -> None:
+        self._text: dict[int | None, str] = {}
+
+    def __call__(self, value: UUID | None) -> str:
+        # keyed by the UUID's int: hashing a UUID runs Python code, hashing an int does not
+        key = None if value is None else value.int
+        text = self._text.get(key)
+        if text is None:
+            text = str(value)
+            self._text[key] = text
+        return text
 
 
-def item_op(item: Item) -> dict[str, Any]:
-    """The wire form of one entity operation (an upsert carries the whole record)."""
+def _delete_json(item: Item, ids: _Ids) -> str:
     kind, key, version = item.kind, item.key, item.version
+    if kind == SESSION:
+        return f'{{"op":"session.delete","version":{version},"id":"{key[1]}"}}'
+    if kind == TAB:
+        return (
+            f'{{"op":"tab.delete","version":{version},"id":"{key[1]}","session_id":"{ids(item.session_id)}"}}'
+        )
+    if kind == PANE:
+        return (
+            f'{{"op":"pane.delete","version":{version},"id":"{key[1]}","tab_id":"{ids(item.tab_id)}",'
+            f'"session_id":"{ids(item.session_id)}"}}'
+        )
+    return f'{{"op":"template.delete","version":{version},"name":{_str(key[1])}}}'
+
+
+def item_json(item: Item, ids: _Ids) -> str:
+    """The wire form of one entity operation (an upsert carries the whole record)."""
     if item.deleted:
-        if kind == SESSION:
-            return {"op": "session.delete", "version": version, "id": str(key[1])}
-        if kind == TAB:
-            return {
-                "op": "tab.delete",
-                "version": version,
-                "id": str(key[1]),
-                "session_id": str(item.session_id),
-            }
-        if kind == PANE:
-            return {
-                "op": "pane.delete",
-                "version": version,
-                "id": str(key[1]),
-                "tab_id": str(item.tab_id),
-                "session_id": str(item.session_id),
-            }
-        return {"op": "template.delete", "version": version, "name": key[1]}
-    record = item.record
+        return _delete_json(item, ids)
+    kind, record = item.kind, item.record
     if kind == PANE:
         assert isinstance(record, PaneRecord)
-        return {
-            "op": "pane.upsert",
-            "version": version,
-            "session_id": str(item.session_id),
-            "record": {
-                "id": str(record.id),
-                "tab_id": str(record.tab_id),
-                "pane_id": record.pane_id,
-                "pane_type": record.pane_type,
-                "component_state": item.snapshot,
-                "title": record.title,
-                "cwd": record.cwd,
-                "command": record.command,
-            },
-        }
+        return (
+            f'{{"op":"pane.upsert","version":{item.version},"session_id":"{ids(item.session_id)}",'
+            f'"record":{{"id":"{record.id}","tab_id":"{ids(record.tab_id)}",'
+            f'"pane_id":{_str(record.pane_id)},"pane_type":{_str(record.pane_type)},'
+            f'"component_state":{_json(item.snapshot)},"title":{_str(record.title)},'
+            f'"cwd":{_opt(record.cwd)},"command":{_opt(record.command)}}}}}'
+        )
     if kind == TAB:
         assert isinstance(record, TabRecord)
-        return {
-            "op": "tab.upsert",
-            "version": version,
-            "record": {
-                "id": str(record.id),
-                "session_id": str(record.session_id),
-                "position": record.position,
-                "name": record.name,
-                "layout_blob": item.snapshot,
-            },
-        }
+        return (
+            f'{{"op":"tab.upsert","version":{item.version},"record":{{"id":"{record.id}",'
+            f'"session_id":"{ids(record.session_id)}","position":{record.position},'
+            f'"name":{_str(record.name)},"layout_blob":{_json(item.snapshot)}}}}}'
+        )
     if kind == SESSION:
         assert isinstance(record, SessionRecord)
-        return {
-            "op": "session.upsert",
-            "version": version,
-            "record": {
-                "id": str(record.id),
-                "name": record.name,
-                "template_name": record.template_name,
-                "created_at": _iso(record.created_at),
-                "last_active": _iso(record.last_active),
-            },
-        }
-    assert kind == TEMPLATE and isinstance(record, TemplateRecord)
-    return {
-        "op": "template.upsert",
-        "version": version,
-        "record": {"id": str(record.id), "name": record.name, "definition": item.snapshot},
-    }
+        return (
+            f'{{"op":"session.upsert","version":{item.version},"record":{{"id":"{record.id}",'
+            f'"name":{_str(record.name)},"template_name":{_opt(record.template_name)},'
+            f'"created_at":"{record.created_at.isoformat()}","last_active":"{record.last_active.isoformat()}"}}}}'
+        )
+    assert isinstance(record, TemplateRecord)
+    return (
+        f'{{"op":"template.upsert","version":{item.version},"record":{{"id":"{record.id}",'
+        f'"name":{_str(record.name)},"definition":{_json(item.snapshot)}}}}}'
+    )
 
 
-def touch_op(touch: Touch) -> dict[str, Any]:
-    return {
-        "op": "session.touch",
-        "version": touch.version,
-        "id": str(touch.session_id),
-        "last_active": _iso(touch.last_active),
-    }
+def touch_json(touch: Touch) -> str:
+    return (
+        f'{{"op":"session.touch","version":{touch.version},"id":"{touch.session_id}",'
+        f'"last_active":"{touch.last_active.isoformat()}"}}'
+    )
 
 
-def chunk_op(chunk: Chunk, compressor: zstandard.ZstdCompressor | None) -> dict[str, Any]:
+def chunk_json(chunk: Chunk, compressor: zstandard.ZstdCompressor | None, ids: _Ids) -> str:
     raw = chunk.chunk.content
     encoding, payload = "identity", raw
     if compressor is not None and len(raw) >= _MIN_COMPRESS:
-        packed = compressor.compress(raw)
+        packed = compressor.compress(raw)  # releases the interpreter lock while it works
         if len(packed) < len(raw):
             encoding, payload = "zstd", packed
-    return {
-        "op": "history.append",
-        "version": chunk.version,
-        "pane_id": str(chunk.chunk.pane_id),
-        "tab_id": str(chunk.tab_id),
-        "session_id": str(chunk.session_id),
-        "chunk_index": chunk.chunk.chunk_index,
-        "encoding": encoding,
-        "raw_size": len(raw),
-        "content": base64.b64encode(payload).decode("ascii"),
-    }
+    return (
+        f'{{"op":"history.append","version":{chunk.version},"pane_id":"{chunk.chunk.pane_id}",'
+        f'"tab_id":"{ids(chunk.tab_id)}","session_id":"{ids(chunk.session_id)}",'
+        f'"chunk_index":{chunk.chunk.chunk_index},"encoding":"{encoding}","raw_size":{len(raw)},'
+        f'"content":"{base64.b64encode(payload).decode("ascii")}"}}'
+    )
 
 
-def _entries(
-    drained: Drained, compressor: zstandard.ZstdCompressor | None
-) -> Iterator[tuple[str, Item | Touch | Chunk, UUID | None]]:
-    """(json, source, session) per operation, releasing the interpreter lock every few."""
-    for touch in drained.touches:
-        yield _dumps(touch_op(touch)), touch, touch.session_id
-    # sessions first, then tabs, panes, templates: a batch reads top-down, and that is also the
-    # order in which a worker applies it.
-    order = {SESSION: 0, TAB: 1, PANE: 2, TEMPLATE: 3}
-    for n, item in enumerate(sorted(drained.items, key=lambda i: order[i.kind]), 1):
-        if n % _SLICE == 0:
-            time.sleep(0)
-        yield _dumps(item_op(item)), item, item.session_id
-    for chunk in drained.chunks:
-        time.sleep(0)
-        yield _dumps(chunk_op(chunk, compressor)), chunk, chunk.session_id
+class _Pacer:
+    """Sleeps briefly after each ``_SLICE`` of work, so that no stretch holds the lock for long."""
+
+    __slots__ = ("_count", "_since")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._since = time.perf_counter()
+
+    def tick(self) -> None:
+        self._count += 1
+        if self._count % _CHECK_EVERY == 0:
+            self.pause_if_due()
+
+    def pause_if_due(self) -> None:
+        if time.perf_counter() - self._since >= _SLICE:
+            time.sleep(_YIELD)
+            self._since = time.perf_counter()
+
+
+class _Batches:
+    """Cuts the encoded operations into batches of at most ``max_ops`` and ``max_bytes``."""
+
+    def __init__(self, origin: str, max_ops: int, max_bytes: int, pacer: _Pacer) -> None:
+        self.origin, self.max_ops, self.max_bytes, self.pacer = origin, max_ops, max_bytes, pacer
+        self.done: list[EncodedBatch] = []
+        self._start()
+
+    def _start(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.current = EncodedBatch(id=str(uuid.uuid4()), data=b"", description="")
+        self.sessions: set[UUID] = set()
+        self._last_session: UUID | None = None
+
+    def add(self, text: str, session_id: UUID | None) -> EncodedBatch:
+        """Add one operation's JSON; returns the batch it went into (for its bookkeeping)."""
+        if self.parts and (len(self.parts) >= self.max_ops or self.size + len(text) + 1 > self.max_bytes):
+            self.close()
+        self.parts.append(text)
+        self.size += len(text) + 1
+        if session_id is not None and session_id is not self._last_session:
+            self.sessions.add(session_id)
+            self._last_session = session_id
+        self.pacer.tick()
+        return self.current
+
+    def close(self) -> None:
+        if self.parts:
+            batch = self.current
+            batch.sessions = sorted(self.sessions)
+            created = datetime.now(UTC).isoformat()
+            payload = (
+                f'{{"format":{FORMAT_VERSION},"id":"{batch.id}","origin":{_str(self.origin)},'
+                f'"created_at":"{created}","ops":[{",".join(self.parts)}]}}'
+            )
+            batch.data = f'["{JOB_FUNCTION}",null,[{payload}],{{}}]'.encode()
+            batch.packed = zlib.compress(batch.data, 1)  # releases the interpreter lock while it works
+            seqs = (
+                [i.seq for i in batch.items] + [t.seq for t in batch.touches] + [c.seq for c in batch.chunks]
+            )
+            batch.min_seq, batch.max_seq = min(seqs), max(seqs)
+            batch.description = describe(batch.ops, batch.sessions, len(batch.chunks))
+            self.done.append(batch)
+            self.pacer.pause_if_due()
+        self._start()
 
 
 def encode_batches(
@@ -190,52 +271,50 @@ def encode_batches(
     max_bytes: int,
     compressor: zstandard.ZstdCompressor | None = None,
 ) -> list[EncodedBatch]:
-    """Encode ``drained`` into batches of at most ``max_ops`` operations and ``max_bytes`` bytes."""
-    batches: list[EncodedBatch] = []
-    parts: list[str] = []
-    size = 0
-    current = _new_batch()
-    sessions: set[UUID] = set()
+    """Encode ``drained`` into batches of at most ``max_ops`` operations and ``max_bytes`` bytes.
 
-    def close() -> None:
-        nonlocal parts, size, current, sessions
-        if parts:
-            current.sessions = sorted(sessions)
-            _finish(current, parts, origin)
-            batches.append(current)
-        parts, size, current, sessions = [], 0, _new_batch(), set()
-
-    for text, source, session_id in _entries(drained, compressor):
-        if parts and (len(parts) >= max_ops or size + len(text) + 1 > max_bytes):
-            close()
-        parts.append(text)
-        size += len(text) + 1
-        if session_id is not None:
-            sessions.add(session_id)
-        if isinstance(source, Item):
-            current.items.append(source)
-        elif isinstance(source, Touch):
-            current.touches.append(source)
-        else:
-            current.chunks.append(source)
-    close()
-    return batches
+    Within the batches: session touches, then sessions, tabs, panes and templates (the order in
+    which a worker applies them), then scrollback chunks in the order they were written.
+    """
+    pacer = _Pacer()
+    out = _Batches(origin, max_ops, max_bytes, pacer)
+    ids = _Ids()
+    for touch in drained.touches:
+        out.add(touch_json(touch), touch.session_id).touches.append(touch)
+    for item in sorted(drained.items, key=lambda i: _ORDER.get(i.kind, 3)):
+        out.add(item_json(item, ids), item.session_id).items.append(item)
+    for chunk in drained.chunks:
+        out.add(chunk_json(chunk, compressor, ids), chunk.session_id).chunks.append(chunk)
+    out.close()
+    return out.done
 
 
-def _new_batch() -> EncodedBatch:
-    return EncodedBatch(id=str(uuid.uuid4()), data=b"", description="")
+class PackedJob(Job):
+    """An RQ job that stores data compressed beforehand (``packed``) instead of compressing it again.
 
+    RQ's ``Job.to_dict`` compresses the job data at zlib's default level each time a job is
+    saved; a batch is compressed once, faster, when it is encoded. RQ reads either back alike.
+    """
 
-def _finish(batch: EncodedBatch, parts: list[str], origin: str) -> None:
-    created = datetime.now(UTC).isoformat()
-    head = (
-        f'{{"format":{FORMAT_VERSION},"id":"{batch.id}","origin":"{origin}","created_at":"{created}","ops":['
-    )
-    payload = head + ",".join(parts) + "]}"
-    batch.data = f'["{JOB_FUNCTION}",null,[{payload}],{{}}]'.encode()
-    seqs = [i.seq for i in batch.items] + [t.seq for t in batch.touches] + [c.seq for c in batch.chunks]
-    batch.min_seq, batch.max_seq = min(seqs), max(seqs)
-    batch.description = describe(batch.ops, batch.sessions, len(batch.chunks))
+    packed: bytes | None = None
+
+    def use_packed(self, data: bytes, packed: bytes) -> None:
+        """Set the job data (``data``) and its compressed form."""
+        self.data = data
+        self.packed = packed
+        self._packed_data = data
+
+    def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
+        data = self._data
+        if self.packed is None or data is not getattr(self, "_packed_data", None):
+            return super().to_dict(include_meta=include_meta, include_result=include_result)
+        self._data = b""  # RQ compresses self.data: hand it nothing, then put the packed data in
+        try:
+            obj = super().to_dict(include_meta=include_meta, include_result=include_result)
+        finally:
+            self._data = data
+        obj["data"] = self.packed
+        return obj
 
 
 def describe(ops: int, sessions: list[UUID], chunks: int = 0) -> str:

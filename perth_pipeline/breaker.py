@@ -53,10 +53,15 @@ class CircuitBreaker:
         self.last_error = None
 
     def failure(self, error: BaseException | str) -> float:
-        """Record a failure; returns the back-off in seconds before the next try."""
+        """Record a failure; returns the back-off in seconds before the next try.
+
+        The back-off doubles from ``base`` up to ``cap``, less a random quarter at most:
+        never above the cap, still growing at each failure below it (2 x 0.75 > 1), and
+        spread out so that many terminals do not come back to a restarted server at once.
+        """
         self._failures += 1
-        delay: float = min(self.cap, self.base * (2.0 ** min(self._failures - 1, 16)))
-        delay *= random.uniform(0.8, 1.2)
+        delay: float = min(self.cap, self.base * (2.0 ** min(self._failures - 1, 30)))
+        delay *= random.uniform(0.75, 1.0)
         self._open_until = time.monotonic() + delay
         self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         if self._down_since is None:

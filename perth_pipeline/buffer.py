@@ -22,19 +22,35 @@ Rules kept here (DESIGN.md, rule 2 and 3):
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
+import re
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from itertools import islice
+from typing import Any, Final, NamedTuple
 from uuid import UUID
 
 from .clock import HybridClock
 from .errors import InvalidRecord
-from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .records import (
+    MAX_COMMAND_CHARS,
+    MAX_INT32,
+    MAX_NAME_CHARS,
+    MAX_PANE_ID_CHARS,
+    MAX_PATH_CHARS,
+    MAX_TITLE_CHARS,
+    PaneHistoryChunk,
+    PaneRecord,
+    SessionRecord,
+    TabRecord,
+    TemplateRecord,
+)
 
 __all__ = ["Buffer", "Chunk", "Drained", "Item"]
 
@@ -49,6 +65,121 @@ Key = tuple[str, Any]
 Record = SessionRecord | TabRecord | PaneRecord | TemplateRecord
 
 _DROPPED_MEMORY = 65_536
+_MAX_JSON_DEPTH = 128
+#: Keys the flusher takes (or gives back) under the lock at a time; between two slices it
+#: lets the terminal's threads in (about 0.1 to 0.3 ms of work per slice).
+_SLICE = 128
+_FLAT_MAX = 16
+_PANE_TYPE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_known_pane_types: set[str] = set()
+
+
+# --- what a write call accepts -------------------------------------------------------------
+#
+# Records are validated by pydantic when they are built, but ``model_copy(update=...)`` and
+# ``model_construct`` skip that, and the JSON fields stay mutable dicts in the caller's hands.
+# A write call checks each field again, cheaply (well under a microsecond), so that nothing
+# invalid reaches the queue, where the workers would refuse it and the write would be lost.
+
+
+def _text(value: Any, name: str, max_chars: int, *, min_chars: int = 0, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if type(value) is not str:
+        raise InvalidRecord(name, f"expected a string, got {type(value).__name__}")
+    if not min_chars <= len(value) <= max_chars:
+        raise InvalidRecord(name, f"must be {min_chars} to {max_chars} characters, not {len(value)}")
+    if "\x00" in value:
+        raise InvalidRecord(name, "must not contain NUL characters")
+    if not value.isascii():
+        _utf8(value, name)
+
+
+def _utf8(value: str, name: str) -> None:
+    # a lone surrogate (text decoded with errors="surrogateescape") cannot be encoded at all
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRecord(name, "is not valid Unicode (it holds a lone surrogate)") from None
+
+
+def _id(value: Any, name: str) -> None:
+    if type(value) is not UUID:
+        raise InvalidRecord(name, f"expected a UUID, got {type(value).__name__}")
+
+
+def _index(value: Any, name: str) -> None:
+    if type(value) is not int or not 0 <= value <= MAX_INT32:
+        raise InvalidRecord(name, f"must be an integer from 0 to {MAX_INT32}, not {value!r}")
+
+
+def _aware(value: Any, name: str) -> None:
+    if not isinstance(value, datetime):
+        raise InvalidRecord(name, f"expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRecord(name, "must be timezone-aware")
+
+
+def _verify_session(r: SessionRecord) -> None:
+    _id(r.id, "id")
+    _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
+    _text(r.template_name, "template_name", MAX_NAME_CHARS, min_chars=1, optional=True)
+    _aware(r.created_at, "created_at")
+    _aware(r.last_active, "last_active")
+
+
+def _verify_tab(r: TabRecord) -> None:
+    _id(r.id, "id")
+    _id(r.session_id, "session_id")
+    _index(r.position, "position")
+    _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
+
+
+def _verify_pane(r: PaneRecord) -> None:
+    pane_id, title, cwd, command = r.pane_id, r.title, r.cwd, r.command
+    if (  # one expression for the common case; the checks below name the field otherwise
+        type(r.id) is UUID
+        and type(r.tab_id) is UUID
+        and r.pane_type in _known_pane_types
+        and type(pane_id) is str
+        and 0 < len(pane_id) <= MAX_PANE_ID_CHARS
+        and type(title) is str
+        and len(title) <= MAX_TITLE_CHARS
+        and (cwd is None or (type(cwd) is str and len(cwd) <= MAX_PATH_CHARS))
+        and (command is None or (type(command) is str and len(command) <= MAX_COMMAND_CHARS))
+    ):
+        text = f"{pane_id}{title}{cwd or ''}{command or ''}"
+        if text.isascii() and "\x00" not in text:
+            return
+    _id(r.id, "id")
+    _id(r.tab_id, "tab_id")
+    _text(r.pane_id, "pane_id", MAX_PANE_ID_CHARS, min_chars=1)
+    kind = r.pane_type
+    if kind not in _known_pane_types:
+        if type(kind) is not str or not _PANE_TYPE.fullmatch(kind):
+            raise InvalidRecord("pane_type", "must be a short lowercase identifier such as 'terminal'")
+        if len(_known_pane_types) < 1024:
+            _known_pane_types.add(kind)
+    _text(r.title, "title", MAX_TITLE_CHARS)
+    _text(r.cwd, "cwd", MAX_PATH_CHARS, optional=True)
+    _text(r.command, "command", MAX_COMMAND_CHARS, optional=True)
+
+
+def _verify_template(r: TemplateRecord) -> None:
+    _id(r.id, "id")
+    _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
+
+
+def _verify_chunk(c: PaneHistoryChunk) -> None:
+    _id(c.pane_id, "pane_id")
+    _index(c.chunk_index, "chunk_index")
+    if type(c.content) is not bytes:
+        raise InvalidRecord("content", f"expected bytes, got {type(c.content).__name__}")
+
+
+def verify_template_name(name: Any) -> None:
+    """A template name as ``delete_template`` takes it."""
+    _text(name, "name", MAX_NAME_CHARS, min_chars=1)
 
 
 def copy_json(value: Any, field_name: str, budget: int) -> Any:
@@ -59,8 +190,26 @@ def copy_json(value: Any, field_name: str, budget: int) -> Any:
     node, a lower bound of the JSON text, so a value that passes may be a little
     over when escaped; the worker's validation is exact.
     """
-    if type(value) is dict and not value:
-        return {}
+    if type(value) is not dict:
+        raise InvalidRecord(field_name, f"expected a JSON object (a dict), got {type(value).__name__}")
+    if len(value) <= _FLAT_MAX:
+        # the common case, a small object of short strings and numbers: one pass, no recursion
+        size = 2
+        for k, v in value.items():
+            kind = type(v)
+            if type(k) is not str or "\x00" in k or not k.isascii():
+                break
+            if kind is str:
+                if "\x00" in v or not v.isascii():
+                    break
+                size += len(k) + len(v) + 8
+            elif v is None or kind is bool or kind is int:
+                size += len(k) + 10
+            else:
+                break  # floats (NaN?), containers: the full walk
+        else:
+            if size <= budget:
+                return dict(value)
     copier = _JsonCopier(field_name, budget)
     copied = copier.walk(value)
     if copier.remaining < 0:
@@ -69,23 +218,33 @@ def copy_json(value: Any, field_name: str, budget: int) -> Any:
 
 
 class _JsonCopier:
-    __slots__ = ("field", "remaining")
+    __slots__ = ("depth", "field", "remaining")
 
     def __init__(self, field_name: str, budget: int) -> None:
         self.field = field_name
         self.remaining = budget
+        self.depth = 0
 
     def walk(self, node: Any) -> Any:
         kind = type(node)
-        if kind is dict:
-            return self._dict(node)
-        if kind is list or kind is tuple:
-            self.remaining -= 2 + len(node)
-            return [self.walk(v) for v in node]
+        if kind is dict or kind is list or kind is tuple:
+            self.depth += 1
+            if self.depth > _MAX_JSON_DEPTH:
+                # also what stops a dict that contains itself
+                raise InvalidRecord(self.field, f"is nested deeper than {_MAX_JSON_DEPTH} levels")
+            try:
+                if kind is dict:
+                    return self._dict(node)
+                self.remaining -= 2 + len(node)
+                return [self.walk(v) for v in node]
+            finally:
+                self.depth -= 1
         if kind is str:
             self.remaining -= len(node) + 2
             if "\x00" in node:
                 raise InvalidRecord(self.field, "must not contain NUL characters")
+            if not node.isascii():
+                _utf8(node, self.field)
             return node
         if node is None or kind is bool or kind is int:
             self.remaining -= 5
@@ -103,6 +262,10 @@ class _JsonCopier:
         for k, v in node.items():
             if type(k) is not str:
                 raise InvalidRecord(self.field, f"JSON object keys must be strings, not {type(k).__name__}")
+            if "\x00" in k:
+                raise InvalidRecord(self.field, "must not contain NUL characters")
+            if not k.isascii():
+                _utf8(k, self.field)
             self.remaining -= len(k) + 3
             out[k] = self.walk(v)
         if self.remaining < 0:
@@ -126,9 +289,12 @@ class _Entry:
     pending_delete: int | None = None
 
 
-@dataclass(slots=True, frozen=True)
-class Item:
-    """One entity operation as drained: an immutable view of an entry at one moment."""
+class Item(NamedTuple):
+    """One entity operation as drained: an immutable view of an entry at one moment.
+
+    (A named tuple: the flusher makes a thousand of these under the buffer's lock at a time,
+    and a tuple is made several times faster than a frozen dataclass.)
+    """
 
     kind: str
     key: Key
@@ -141,22 +307,7 @@ class Item:
     session_id: UUID | None
 
 
-def _with_route(item: Item, entry: _Entry) -> Item:
-    return Item(
-        item.kind,
-        item.key,
-        item.version,
-        item.seq,
-        item.record,
-        item.snapshot,
-        item.deleted,
-        entry.tab_id,
-        entry.session_id,
-    )
-
-
-@dataclass(slots=True, frozen=True)
-class Touch:
+class Touch(NamedTuple):
     session_id: UUID
     last_active: datetime
     version: int
@@ -192,7 +343,13 @@ class Drained:
 
 
 class Buffer:
-    """Latest state per live entity, dirty keys, pending scrollback. Thread-safe."""
+    """Latest state per live entity, dirty keys, pending scrollback. Thread-safe.
+
+    Every method takes one short lock and does work proportional to what it is given
+    (one record, one drained batch), never to what the buffer holds, so that a write
+    call stays in microseconds even with a quarter of a million dirty entities behind an
+    outage.
+    """
 
     def __init__(
         self,
@@ -212,16 +369,26 @@ class Buffer:
         self._seq = 0
         self._live: dict[Key, _Entry] = {}
         self._live_count = 0  # entries not deleted: what the entity bound counts
-        self._dirty: dict[Key, int] = {}  # key -> seq of the write that made it dirty (insertion ordered)
+        # key -> seq of the oldest write of it not yet drained. A write appends a key with a new
+        # (highest) seq, so those keys are in seq order; keys given back by redirty() come with
+        # older seqs and are tracked apart, so that the oldest unsent write is known in O(1).
+        self._dirty: dict[Key, int] = {}
+        self._redirtied: set[Key] = set()
+        self._redirtied_min: int | None = None  # a lower bound of the seqs in _redirtied
+        self._unrouted: set[Key] = set()  # dirty tabs and panes whose session is not known yet
         self._touches: dict[UUID, Touch] = {}
-        self._history: deque[Chunk] = deque()
+        self._history: deque[Chunk] = deque()  # in seq order
         self._history_bytes = 0
-        self._children: dict[UUID, set[Key]] = {}
+        self._pending_chunks: dict[UUID, int] = {}  # pane id -> its chunks in _history
+        # parent id -> keys of the children written under it (a tab's session, a pane's tab; a
+        # pane under a tab this buffer does not hold also links that tab under its session)
+        self._children: dict[Any, set[Key]] = {}
         # ancestors learnt from restores or database look-ups, for entities this buffer does not hold
         self._tab_routes: OrderedDict[UUID, UUID] = OrderedDict()
         self._pane_routes: OrderedDict[UUID, tuple[UUID, UUID]] = OrderedDict()
         self._dropped: OrderedDict[UUID, None] = OrderedDict()
         self._warned_full = False
+        self._full_warning: dict[str, int] | None = None
         self.counters: dict[str, int] = {
             "submitted": 0,
             "coalesced": 0,
@@ -236,106 +403,156 @@ class Buffer:
     # --- write side (caller's thread) ---------------------------------------------------
 
     def put_session(self, record: SessionRecord) -> None:
-        self._check_type(record, SessionRecord, "session")
-        with self._lock:
-            key = (SESSION, record.id)
-            entry = self._live.get(key)
-            if not self._admit(key, entry, record.id, None):
-                return
-            self._store(key, entry, SESSION, record, None, session_id=record.id, tab_id=None)
+        self._accept(record, SessionRecord, "session", _verify_session)
+        try:
+            with self._lock:
+                key = (SESSION, record.id)
+                entry = self._live.get(key)
+                if not self._admit(entry, record.id, None):
+                    return
+                if entry is not None and isinstance(entry.record, SessionRecord):
+                    held = entry.record.last_active
+                    if held > record.last_active:
+                        # last_active only grows where it is stored (a max register): keep the
+                        # buffer the same, so that what is stored does not depend on coalescing
+                        record = record.model_copy(update={"last_active": held})
+                self._store(key, entry, record, None, session_id=record.id, tab_id=None)
+        finally:
+            if self._full_warning is not None:
+                self._log_full()
 
     def put_tab(self, record: TabRecord) -> None:
-        self._check_type(record, TabRecord, "tab")
+        self._accept(record, TabRecord, "tab", _verify_tab)
         snapshot = self._copy(record.layout_blob, "layout_blob")
-        with self._lock:
-            key = (TAB, record.id)
-            entry = self._live.get(key)
-            if entry is not None and not entry.deleted and entry.session_id != record.session_id:
-                self.counters["invalid"] += 1
-                raise InvalidRecord("session_id", "a tab cannot move to another session")
-            if not self._admit(key, entry, record.id, record.session_id):
-                return
-            self._store(key, entry, TAB, record, snapshot, session_id=record.session_id, tab_id=None)
-            self._tab_routes.pop(record.id, None)
-            self._children.setdefault(record.session_id, set()).add(key)
+        try:
+            with self._lock:
+                key = (TAB, record.id)
+                entry = self._live.get(key)
+                if entry is not None and not entry.deleted:
+                    if entry.session_id != record.session_id:
+                        self.counters["invalid"] += 1
+                        raise InvalidRecord("session_id", "a tab cannot move to another session")
+                    self.counters["submitted"] += 1  # an update of a tab it holds
+                    self._mark(entry, key, record, snapshot)
+                    return
+                if not self._admit(entry, record.id, record.session_id):
+                    return
+                self._store(key, entry, record, snapshot, session_id=record.session_id, tab_id=None)
+                self._tab_routes.pop(record.id, None)
+        finally:
+            if self._full_warning is not None:
+                self._log_full()
 
     def put_pane(self, record: PaneRecord) -> None:
-        self._check_type(record, PaneRecord, "pane")
+        self._accept(record, PaneRecord, "pane", _verify_pane)
         snapshot = self._copy(record.component_state, "component_state")
-        with self._lock:
-            key = (PANE, record.id)
-            entry = self._live.get(key)
-            if entry is not None and not entry.deleted and entry.tab_id != record.tab_id:
-                self.counters["invalid"] += 1
-                raise InvalidRecord(
-                    "tab_id", "a pane cannot move to another tab (delete it and create a new one)"
-                )
-            if not self._admit(key, entry, record.id, record.tab_id):
-                return
-            session_id = self._session_of_tab(record.tab_id)
-            self._store(key, entry, PANE, record, snapshot, session_id=session_id, tab_id=record.tab_id)
-            self._pane_routes.pop(record.id, None)
-            self._children.setdefault(record.tab_id, set()).add(key)
+        try:
+            with self._lock:
+                key = (PANE, record.id)
+                entry = self._live.get(key)
+                if entry is not None and not entry.deleted:
+                    if entry.tab_id != record.tab_id:
+                        self.counters["invalid"] += 1
+                        raise InvalidRecord(
+                            "tab_id", "a pane cannot move to another tab (delete it and create a new one)"
+                        )
+                    if entry.session_id is not None:  # the common case: an update of a pane it holds
+                        self.counters["submitted"] += 1
+                        self._mark(entry, key, record, snapshot)
+                        return
+                if not self._admit(entry, record.id, record.tab_id):
+                    return
+                session_id = self._session_of_tab(record.tab_id)
+                self._store(key, entry, record, snapshot, session_id=session_id, tab_id=record.tab_id)
+                self._pane_routes.pop(record.id, None)
+                if session_id is not None:
+                    self._link_foreign_tab(record.tab_id, session_id)
+        finally:
+            if self._full_warning is not None:
+                self._log_full()
 
     def put_template(self, record: TemplateRecord) -> None:
-        self._check_type(record, TemplateRecord, "template")
+        self._accept(record, TemplateRecord, "template", _verify_template)
         snapshot = self._copy(record.definition, "definition")
-        with self._lock:
-            key = (TEMPLATE, record.name)
-            entry = self._live.get(key)
-            if not self._admit(key, entry, None, None):
-                return
-            self._store(key, entry, TEMPLATE, record, snapshot, session_id=None, tab_id=None)
+        try:
+            with self._lock:
+                key = (TEMPLATE, record.name)
+                entry = self._live.get(key)
+                if not self._admit(entry, None, None):
+                    return
+                self._store(key, entry, record, snapshot, session_id=None, tab_id=None)
+        finally:
+            if self._full_warning is not None:
+                self._log_full()
 
     def touch_session(self, session_id: UUID, now: datetime) -> None:
         with self._lock:
             self.counters["submitted"] += 1
-            entry = self._live.get((SESSION, session_id))
-            if entry is not None and not entry.deleted:
+            key = (SESSION, session_id)
+            entry = self._live.get(key)
+            if entry is not None and isinstance(entry.record, SessionRecord):
                 record = entry.record
-                assert isinstance(record, SessionRecord)
                 if now > record.last_active:
                     record = record.model_copy(update={"last_active": now})
-                self._mark(entry, (SESSION, session_id), record, None)
+                self._mark(entry, key, record, None)
                 return
             if entry is not None:  # deleted: touching it changes nothing
                 return
-            if session_id in self._touches:
+            pending = self._touches.get(session_id)
+            if pending is not None:
                 self.counters["coalesced"] += 1
-            elif len(self._touches) >= self.max_entities:
+                # keeps the seq of the oldest unsent touch: flush() waits for that one
+                latest = max(now, pending.last_active)
+                self._touches[session_id] = Touch(session_id, latest, self.clock.next(), pending.seq)
+                return
+            if len(self._touches) >= self.max_entities:
                 self.counters["dropped_entities"] += 1
                 return
             self._seq += 1
             self._touches[session_id] = Touch(session_id, now, self.clock.next(), self._seq)
 
     def delete(self, kind: str, entity_id: Any) -> None:
-        with self._lock:
-            self.counters["submitted"] += 1
-            key = (kind, entity_id)
-            entry = self._live.get(key)
-            self._seq += 1
-            version = self.clock.next()
-            if entry is None:
-                tab_id, session_id = self._route_unknown(kind, entity_id)
-                self._live[key] = _Entry(kind, None, None, version, self._seq, True, tab_id, session_id)
-            else:
-                if key in self._dirty:
-                    self.counters["coalesced"] += 1
-                if not entry.deleted:
-                    self._live_count -= 1
-                entry.record, entry.snapshot, entry.deleted = None, None, True
-                entry.version, entry.seq = version, self._seq
-            self._dirty[key] = self._seq
-            if kind in (SESSION, TAB, PANE):
-                self._drop_descendants(entity_id)
-            if kind == SESSION:
-                self._touches.pop(entity_id, None)
+        try:
+            with self._lock:
+                self.counters["submitted"] += 1
+                key = (kind, entity_id)
+                entry = self._live.get(key)
+                if entry is None and len(self._live) >= 2 * self.max_entities:
+                    # every slot holds a live entity or a delete not yet committed (a long outage)
+                    self.counters["dropped_entities"] += 1
+                    self._warn_full()
+                    return
+                self._seq += 1
+                version = self.clock.next()
+                if entry is None:
+                    tab_id, session_id = self._route_unknown(kind, entity_id)
+                    entry = _Entry(kind, None, None, version, self._seq, True, tab_id, session_id)
+                    self._live[key] = entry
+                    parent = _parent(key, entry)
+                    if parent is not None:
+                        self._link(parent, key)
+                else:
+                    if not entry.deleted:
+                        self._release_slot()
+                    entry.record, entry.snapshot, entry.deleted = None, None, True
+                    entry.version, entry.seq = version, self._seq
+                    entry.pending_delete = None  # this delete supersedes an earlier unsent one
+                self._make_dirty(key, entry, self._seq)
+                if isinstance(entity_id, UUID):
+                    self._dropped.pop(entity_id, None)
+                if kind in (SESSION, TAB, PANE):
+                    self._drop_descendants(entity_id, kind)
+                if kind == SESSION:
+                    self._touches.pop(entity_id, None)
+        finally:
+            if self._full_warning is not None:
+                self._log_full()
 
     def append_history(self, chunk: PaneHistoryChunk) -> None:
-        self._check_type(chunk, PaneHistoryChunk, "chunk")
+        self._accept(chunk, PaneHistoryChunk, "chunk", _verify_chunk)
         size = len(chunk.content)
         if size > self.max_chunk_bytes:
-            self.counters["invalid"] += 1
+            self.count_invalid()
             raise InvalidRecord(
                 "content", f"chunk of {size} bytes is over the limit of {self.max_chunk_bytes}"
             )
@@ -348,12 +565,8 @@ class Buffer:
             self._seq += 1
             tab_id, session_id = self._route_of_pane(chunk.pane_id)
             self._history.append(Chunk(chunk, self.clock.next(), self._seq, tab_id, session_id))
-            self._history_bytes += size
-            while self._history_bytes > self.max_pending_history_bytes and self._history:
-                old = self._history.popleft()
-                self._history_bytes -= old.size
-                self.counters["dropped_chunks"] += 1
-                self.counters["dropped_chunk_bytes"] += old.size
+            self._chunk_added(chunk.pane_id, size)
+            self._evict_history()
 
     def count_invalid(self) -> None:
         with self._lock:
@@ -361,19 +574,24 @@ class Buffer:
 
     # --- helpers under the lock -------------------------------------------------------------
 
-    def _check_type(self, record: Any, expected: type, what: str) -> None:
+    def _accept(self, record: Any, expected: type, what: str, verify: Callable[[Any], None]) -> None:
         if type(record) is not expected:
-            self.counters["invalid"] += 1
+            self.count_invalid()
             raise InvalidRecord(what, f"expected a {expected.__name__}, got {type(record).__name__}")
+        try:
+            verify(record)
+        except InvalidRecord:
+            self.count_invalid()
+            raise
 
     def _copy(self, value: Any, field_name: str) -> Any:
         try:
             return copy_json(value, field_name, self.max_json_bytes)
         except InvalidRecord:
-            self.counters["invalid"] += 1
+            self.count_invalid()
             raise
 
-    def _admit(self, key: Key, entry: _Entry | None, entity_id: UUID | None, parent_id: UUID | None) -> bool:
+    def _admit(self, entry: _Entry | None, entity_id: UUID | None, parent_id: UUID | None) -> bool:
         """Whether a write may go in (False: dropped and counted). Called under the lock."""
         self.counters["submitted"] += 1
         if parent_id is not None and parent_id in self._dropped:
@@ -383,18 +601,52 @@ class Buffer:
             return False
         if entry is not None and not entry.deleted:
             return True
-        if self._live_count >= self.max_entities:
+        if self._live_count >= self.max_entities or (
+            entry is None and len(self._live) >= 2 * self.max_entities
+        ):
             if entity_id is not None:
                 self._remember_dropped(entity_id)
             self.counters["dropped_entities"] += 1
-            if not self._warned_full:
-                self._warned_full = True
-                logger.warning(
-                    "persistence buffer full; new entities are dropped until some are deleted",
-                    extra={"max_entities": self.max_entities},
-                )
+            self._warn_full()
             return False
+        if entity_id is not None:
+            # room again: a record is whole, so a later write of a dropped entity is complete state
+            self._dropped.pop(entity_id, None)
         return True
+
+    def _warn_full(self) -> None:
+        # under the lock: only note it; the caller logs once the lock is released (a log
+        # handler may do I/O, and a write call must not wait on it)
+        if not self._warned_full:
+            self._warned_full = True
+            self._full_warning = {
+                "max_entities": self.max_entities,
+                "live_entities": self._live_count,
+                "held_entries": len(self._live),
+            }
+
+    def _log_full(self) -> None:
+        with self._lock:
+            extra, self._full_warning = self._full_warning, None
+        if extra is not None:
+            logger.warning(
+                "persistence buffer full: new entities, and what is written under them, are dropped "
+                "(counted in stats()['dropped_entities']) until the buffer drains",
+                extra=extra,
+            )
+
+    def _release_slot(self) -> None:
+        self._live_count -= 1
+        self._maybe_rearm()
+
+    def _maybe_rearm(self) -> None:
+        # hysteresis: an entity count hovering at the bound must not log a warning per call
+        if (
+            self._warned_full
+            and self._live_count < self.max_entities * 9 // 10
+            and len(self._live) < self.max_entities * 18 // 10
+        ):
+            self._warned_full = False
 
     def _remember_dropped(self, entity_id: UUID) -> None:
         self._dropped[entity_id] = None
@@ -405,37 +657,93 @@ class Buffer:
         self,
         key: Key,
         entry: _Entry | None,
-        kind: str,
         record: Record,
         snapshot: Any,
         *,
         session_id: UUID | None,
         tab_id: UUID | None,
     ) -> None:
-        if entry is None or entry.deleted:
-            if entry is None:
-                entry = _Entry(kind, record, snapshot, 0, 0)
-                self._live[key] = entry
-            elif key in self._dirty:
-                entry.pending_delete = entry.version
+        if entry is None:
+            entry = _Entry(key[0], record, snapshot, 0, 0)
+            self._live[key] = entry
             self._live_count += 1
+        elif entry.deleted:
+            if key in self._dirty:
+                # re-created before its delete was sent: the delete still goes, first, so that
+                # its cascade (what was written under the old one) is not lost
+                entry.pending_delete = entry.version
             entry.deleted = False
-            if self._live_count < self.max_entities:
-                self._warned_full = False
+            self._live_count += 1
+        old_parent = _parent(key, entry)
         entry.session_id, entry.tab_id = session_id, tab_id
+        parent = _parent(key, entry)
+        if old_parent != parent and old_parent is not None:
+            self._unlink_from(old_parent, key)
+        if parent is not None:
+            self._link(parent, key)
         self._mark(entry, key, record, snapshot)
 
     def _mark(self, entry: _Entry, key: Key, record: Record, snapshot: Any) -> None:
         self._seq += 1
         entry.record, entry.snapshot = record, snapshot
         entry.version, entry.seq = self.clock.next(), self._seq
+        self._make_dirty(key, entry, self._seq)
+
+    def _make_dirty(self, key: Key, entry: _Entry, seq: int) -> None:
         if key in self._dirty:
+            # coalesced: it keeps the seq of its oldest unsent write (flush() waits for that one)
             self.counters["coalesced"] += 1
-        self._dirty[key] = self._seq
+        else:
+            self._dirty[key] = seq
+        self._track_route(key, entry)
+
+    def _track_route(self, key: Key, entry: _Entry) -> None:
+        if entry.session_id is None and key[0] in (TAB, PANE):
+            self._unrouted.add(key)
+        else:
+            self._unrouted.discard(key)
+
+    def _undirty(self, key: Key) -> bool:
+        if self._dirty.pop(key, None) is None:
+            return False
+        self._unrouted.discard(key)
+        if key in self._redirtied:
+            self._redirtied.discard(key)
+            if not self._redirtied:
+                self._redirtied_min = None
+        return True
+
+    def _link(self, parent_id: Any, key: Key) -> None:
+        children = self._children.get(parent_id)
+        if children is None:
+            self._children[parent_id] = {key}
+        else:
+            children.add(key)
+
+    def _unlink_from(self, parent_id: Any, key: Key) -> None:
+        children = self._children.get(parent_id)
+        if children is not None:
+            children.discard(key)
+            if not children:
+                del self._children[parent_id]
+
+    def _link_foreign_tab(self, tab_id: UUID, session_id: UUID) -> None:
+        # a pane under a tab this buffer does not hold: a delete of the session must still find it
+        if (TAB, tab_id) not in self._live:
+            self._link(session_id, (TAB, tab_id))
+
+    def _forget(self, key: Key, entry: _Entry) -> None:
+        """Remove an entry for good (its delete committed, or dropped)."""
+        del self._live[key]
+        parent = _parent(key, entry)
+        if parent is not None:
+            self._unlink_from(parent, key)
+        if not entry.deleted:
+            self._release_slot()
 
     def _session_of_tab(self, tab_id: UUID) -> UUID | None:
         tab = self._live.get((TAB, tab_id))
-        if tab is not None:
+        if tab is not None and tab.session_id is not None:
             return tab.session_id
         return self._tab_routes.get(tab_id)
 
@@ -455,47 +763,90 @@ class Buffer:
             return self._route_of_pane(entity_id)
         return None, None
 
-    def _drop_descendants(self, parent_id: UUID) -> None:
+    def _drop_descendants(self, parent_id: UUID, kind: str) -> None:
         """A delete supersedes everything buffered under it (the apply cascades by version)."""
         stack = [parent_id]
-        doomed_panes: set[UUID] = set()
+        doomed_panes: set[UUID] = {parent_id} if kind == PANE else set()
         while stack:
-            for child_key in self._children.pop(stack.pop(), ()):
-                child = self._live.pop(child_key, None)
-                if child is None:
-                    continue
-                if not child.deleted:
-                    self._live_count -= 1
-                if self._dirty.pop(child_key, None) is not None:
-                    self.counters["superseded"] += 1
+            current = stack.pop()
+            for child_key in self._children.pop(current, ()):
+                child = self._live.get(child_key)
+                if child is not None:
+                    if _parent(child_key, child) != current:
+                        continue  # re-created under another parent since: not under this one
+                    self._drop_child(child_key, child)
                 stack.append(child_key[1])
                 if child_key[0] == PANE:
                     doomed_panes.add(child_key[1])
-        if isinstance(parent_id, UUID):
-            doomed_panes.add(parent_id)
-        if self._history and doomed_panes:
-            kept = deque(c for c in self._history if c.chunk.pane_id not in doomed_panes)
-            self.counters["superseded"] += len(self._history) - len(kept)
+        if self._history and not doomed_panes.isdisjoint(self._pending_chunks):
+            kept: deque[Chunk] = deque()
+            for chunk in self._history:
+                if chunk.chunk.pane_id in doomed_panes:
+                    self.counters["superseded"] += 1
+                    self._chunk_gone(chunk.chunk.pane_id, chunk.size)
+                else:
+                    kept.append(chunk)
             self._history = kept
-            self._history_bytes = sum(c.size for c in kept)
+
+    def _drop_child(self, key: Key, child: _Entry) -> None:
+        if child.pending_delete is not None and not child.deleted:
+            # the unsent delete of an earlier incarnation (perhaps under another parent) still
+            # has to go: keep it, as a delete, dirty; the new incarnation is superseded
+            self._release_slot()
+            child.record, child.snapshot, child.deleted = None, None, True
+            child.version, child.pending_delete = child.pending_delete, None
+            self.counters["superseded"] += 1
+            return
+        del self._live[key]
+        if not child.deleted:
+            self._release_slot()
+        if self._undirty(key):
+            self.counters["superseded"] += 1
+
+    def _chunk_added(self, pane_id: UUID, size: int) -> None:
+        self._history_bytes += size
+        self._pending_chunks[pane_id] = self._pending_chunks.get(pane_id, 0) + 1
+
+    def _chunk_gone(self, pane_id: UUID, size: int) -> None:
+        self._history_bytes -= size
+        left = self._pending_chunks.get(pane_id, 0) - 1
+        if left > 0:
+            self._pending_chunks[pane_id] = left
+        else:
+            self._pending_chunks.pop(pane_id, None)
+
+    def _evict_history(self) -> None:
+        """Past the byte bound the oldest pending chunks go first (counted: gaps on restore)."""
+        while self._history_bytes > self.max_pending_history_bytes and self._history:
+            old = self._history.popleft()
+            self._chunk_gone(old.chunk.pane_id, old.size)
+            self.counters["dropped_chunks"] += 1
+            self.counters["dropped_chunk_bytes"] += old.size
 
     # --- flusher side -----------------------------------------------------------------------
 
     def drain(self, max_items: int) -> Drained:
         """Take up to ``max_items`` dirty operations (oldest first), leaving the rest dirty.
 
-        Items whose ancestors are still unknown stay dirty (see :meth:`unrouted`).
+        Items whose ancestors are still unknown stay dirty (see :meth:`unrouted`). The lock
+        is taken for ``_SLICE`` keys at a time, and the interpreter lock is let go between
+        slices, so that a write call never waits for a whole drain.
         """
         out = Drained()
+        budget = max_items
         with self._lock:
-            budget = max_items
             if self._touches and budget > 0:
-                for sid in list(self._touches)[:budget]:
+                for sid in list(islice(self._touches, budget)):
                     out.touches.append(self._touches.pop(sid))
                 budget -= len(out.touches)
-            if budget > 0 and self._dirty:
-                self._drain_items(out, budget)
-                budget -= len(out.items)
+        while budget > 0 and self._dirty:
+            with self._lock:
+                taken = self._drain_items(out, min(budget, _SLICE))
+            budget -= taken
+            if taken < _SLICE:
+                break
+            _let_writers_in()
+        with self._lock:
             while budget > 0 and self._history:
                 chunk = self._history[0]
                 if chunk.session_id is None:
@@ -503,30 +854,34 @@ class Buffer:
                     if chunk.session_id is None:
                         break  # keep order: wait for the pane's route
                 self._history.popleft()
-                self._history_bytes -= chunk.size
+                self._chunk_gone(chunk.chunk.pane_id, chunk.size)
                 out.chunks.append(chunk)
                 budget -= 1
         return out
 
-    def _drain_items(self, out: Drained, budget: int) -> None:
+    def _drain_items(self, out: Drained, budget: int) -> int:
+        """Take up to ``budget`` dirty keys into ``out`` (under the lock); returns how many."""
         taken: list[Key] = []
-        for key in self._dirty:
+        items = out.items
+        live, unrouted = self._live, self._unrouted
+        for key, seq in self._dirty.items():
             if len(taken) >= budget:
                 break
-            entry = self._live.get(key)
+            entry = live.get(key)
             if entry is None:
                 taken.append(key)
                 continue
-            if not self._routed(key, entry):
+            if unrouted and key in unrouted and not self._routed(key, entry):
                 continue
             taken.append(key)
-            seq = self._dirty[key]
+            tab_id, session_id = entry.tab_id, entry.session_id
             if entry.pending_delete is not None:
                 # the delete goes first so that its cascade is not lost to the re-creation
-                delete = Item(entry.kind, key, entry.pending_delete, seq, None, None, True, None, None)
-                out.items.append(_with_route(delete, entry))
+                items.append(
+                    Item(entry.kind, key, entry.pending_delete, seq, None, None, True, tab_id, session_id)
+                )
                 entry.pending_delete = None
-            out.items.append(
+            items.append(
                 Item(
                     entry.kind,
                     key,
@@ -535,41 +890,56 @@ class Buffer:
                     entry.record,
                     entry.snapshot,
                     entry.deleted,
-                    entry.tab_id,
-                    entry.session_id,
+                    tab_id,
+                    session_id,
                 )
             )
         for key in taken:
-            del self._dirty[key]
+            self._undirty(key)
+        return len(taken)
 
     def _routed(self, key: Key, entry: _Entry) -> bool:
+        """Find the session of a tab or pane from what the buffer knows now (under the lock)."""
         kind = key[0]
-        if kind == TAB and entry.session_id is None:
+        if kind == TAB:
             entry.session_id = self._tab_routes.get(key[1])
-        elif kind == PANE and entry.session_id is None:
+        elif kind == PANE:
             if entry.tab_id is None:
                 entry.tab_id, entry.session_id = self._route_of_pane(key[1])
             else:
                 entry.session_id = self._session_of_tab(entry.tab_id)
-        return kind == TEMPLATE or entry.session_id is not None
+        if entry.session_id is None:
+            return False
+        self._unrouted.discard(key)
+        if kind == TAB:
+            self._link(entry.session_id, key)
+        elif entry.tab_id is not None:
+            self._link(entry.tab_id, key)
+            self._link_foreign_tab(entry.tab_id, entry.session_id)
+        return True
 
     def unrouted(self) -> tuple[list[UUID], list[UUID]]:
         """Tab ids whose session, and pane ids whose tab and session, the buffer does not know."""
         tabs: set[UUID] = set()
         panes: set[UUID] = set()
         with self._lock:
-            for key in self._dirty:
+            for key in list(self._unrouted):
                 entry = self._live.get(key)
-                if entry is None or entry.session_id is not None or key[0] == TEMPLATE:
+                if entry is None:
+                    self._unrouted.discard(key)
+                elif self._routed(key, entry):
                     continue
-                if key[0] == PANE and entry.tab_id is not None:
+                elif key[0] == PANE and entry.tab_id is not None:
                     tabs.add(entry.tab_id)
                 elif key[0] == PANE:
                     panes.add(key[1])
-                elif key[0] == TAB:
+                else:
                     tabs.add(key[1])
             if self._history and self._history[0].session_id is None:
-                panes.add(self._history[0].chunk.pane_id)
+                head = self._history[0]
+                head.tab_id, head.session_id = self._route_of_pane(head.chunk.pane_id)
+                if head.session_id is None:
+                    panes.add(head.chunk.pane_id)
         return sorted(tabs), sorted(panes)
 
     def learn_routes(
@@ -594,23 +964,21 @@ class Buffer:
         tabs, panes = set(tab_ids), set(pane_ids)
         dropped = 0
         with self._lock:
-            for key in list(self._dirty):
+            for key in list(self._unrouted):
                 entry = self._live.get(key)
                 if entry is None or entry.session_id is not None:
                     continue
                 if (key[0] == TAB and key[1] in tabs) or (
                     key[0] == PANE and (key[1] in panes or entry.tab_id in tabs)
                 ):
-                    del self._dirty[key]
-                    self._live.pop(key, None)
-                    if not entry.deleted:
-                        self._live_count -= 1
+                    self._undirty(key)
+                    self._forget(key, entry)
                     dropped += 1
             while self._history and self._history[0].session_id is None:
                 if self._history[0].chunk.pane_id not in panes:
                     break
                 chunk = self._history.popleft()
-                self._history_bytes -= chunk.size
+                self._chunk_gone(chunk.chunk.pane_id, chunk.size)
                 self.counters["dropped_chunks"] += 1
                 self.counters["dropped_chunk_bytes"] += chunk.size
             self.counters["dropped_entities"] += dropped
@@ -621,33 +989,78 @@ class Buffer:
     ) -> int:
         """Make undelivered operations dirty again (unless superseded since). Returns how many."""
         count = 0
+        given = list(items)
+        for start in range(0, len(given), _SLICE):
+            if start:
+                _let_writers_in()
+            with self._lock:
+                for item in given[start : start + _SLICE]:
+                    count += self._redirty_item(item)
         with self._lock:
-            for item in items:
-                entry = self._live.get(item.key)
-                if entry is None:
-                    continue
-                if item.deleted and not entry.deleted and entry.version > item.version:
-                    # re-created since: the lost delete still has to go before the new state
-                    entry.pending_delete = max(entry.pending_delete or 0, item.version)
-                if item.key in self._dirty:
-                    continue
-                self._dirty[item.key] = min(item.seq, entry.seq)
-                count += 1
             for touch in touches:
-                if touch.session_id not in self._touches and (SESSION, touch.session_id) not in self._live:
-                    self._touches[touch.session_id] = touch
-                    count += 1
-            restored = [c for c in chunks if c.chunk.pane_id not in self._dropped]
-            for chunk in reversed(restored):
-                if self._history_bytes + chunk.size > self.max_pending_history_bytes:
-                    self.counters["dropped_chunks"] += 1
-                    self.counters["dropped_chunk_bytes"] += chunk.size
-                    continue
-                self._history.appendleft(chunk)
-                self._history_bytes += chunk.size
-                count += 1
+                count += self._redirty_touch(touch)
+            count += self._redirty_chunks(list(chunks))
             self.counters["resynced"] += count
         return count
+
+    def _redirty_item(self, item: Item) -> int:
+        entry = self._live.get(item.key)
+        if entry is None:
+            if not item.deleted:
+                return 0  # superseded by a delete of it or of an ancestor, which covers it
+            # a lost delete is always sent again: the entry is gone only because something that
+            # covers it was committed or superseded it, and applying it again changes nothing then
+            entry = _Entry(item.kind, None, None, item.version, item.seq, True, item.tab_id, item.session_id)
+            self._live[item.key] = entry
+            parent = _parent(item.key, entry)
+            if parent is not None:
+                self._link(parent, item.key)
+        elif item.deleted and not entry.deleted and entry.version > item.version:
+            # re-created since: the lost delete still has to go before the new state
+            entry.pending_delete = max(entry.pending_delete or 0, item.version)
+        if item.key in self._dirty:
+            return 0
+        seq = min(item.seq, entry.seq)
+        self._dirty[item.key] = seq
+        self._redirtied.add(item.key)
+        self._redirtied_min = seq if self._redirtied_min is None else min(self._redirtied_min, seq)
+        self._track_route(item.key, entry)
+        return 1
+
+    def _redirty_touch(self, touch: Touch) -> int:
+        entry = self._live.get((SESSION, touch.session_id))
+        if entry is None:
+            if touch.session_id in self._touches:
+                return 0  # a newer touch of it is pending
+            self._touches[touch.session_id] = touch
+            return 1
+        if isinstance(entry.record, SessionRecord) and touch.last_active > entry.record.last_active:
+            # held since: the record carries last_active now
+            record = entry.record.model_copy(update={"last_active": touch.last_active})
+            self._mark(entry, (SESSION, touch.session_id), record, None)
+            return 1
+        return 0
+
+    def _redirty_chunks(self, chunks: list[Chunk]) -> int:
+        restored = [c for c in chunks if c.chunk.pane_id not in self._dropped and not self._superseded(c)]
+        if not restored:
+            return 0
+        restored.sort(key=_seq_of)
+        # the pending chunks are in seq order: merge the restored ones in (usually all older)
+        newest = restored[-1].seq
+        younger: list[Chunk] = []
+        while self._history and self._history[0].seq < newest:
+            younger.append(self._history.popleft())
+        for chunk in reversed(list(heapq.merge(younger, restored, key=_seq_of))):
+            self._history.appendleft(chunk)
+        for chunk in restored:
+            self._chunk_added(chunk.chunk.pane_id, chunk.size)
+        self._evict_history()
+        return len(restored)
+
+    def _superseded(self, chunk: Chunk) -> bool:
+        pane = self._live.get((PANE, chunk.chunk.pane_id))
+        return pane is not None and pane.deleted and pane.version > chunk.version
 
     def confirm(self, items: Iterable[Item]) -> None:
         """Operations committed: a delete that is still the latest state is forgotten."""
@@ -657,8 +1070,9 @@ class Buffer:
                     continue
                 entry = self._live.get(item.key)
                 current = entry is not None and entry.deleted and entry.version == item.version
-                if current and item.key not in self._dirty:
-                    del self._live[item.key]
+                if current and entry is not None and item.key not in self._dirty:
+                    self._forget(item.key, entry)
+            self._maybe_rearm()
 
     def observe_version(self, version: int) -> None:
         self.clock.observe(version)
@@ -670,11 +1084,13 @@ class Buffer:
         return self._seq
 
     def min_unsent_seq(self) -> int | None:
-        """The oldest write not yet drained, or None when nothing waits."""
+        """The oldest write not yet drained (or a lower bound of it), or None when nothing waits."""
         with self._lock:
             candidates = []
             if self._dirty:
-                candidates.append(min(self._dirty.values()))
+                candidates.append(next(iter(self._dirty.values())))
+            if self._redirtied_min is not None:
+                candidates.append(self._redirtied_min)
             if self._touches:
                 candidates.append(min(t.seq for t in self._touches.values()))
             if self._history:
@@ -688,7 +1104,27 @@ class Buffer:
         with self._lock:
             return {
                 "live_entities": self._live_count,
+                "held_entries": len(self._live),
                 "dirty": len(self._dirty) + len(self._touches),
                 "pending_history_chunks": len(self._history),
                 "pending_history_bytes": self._history_bytes,
             }
+
+
+def _let_writers_in() -> None:
+    # A real sleep, however short, hands the interpreter lock to a thread waiting for it;
+    # releasing the buffer's lock alone would not (the flusher would keep running).
+    time.sleep(0.00002)
+
+
+def _parent(key: Key, entry: _Entry) -> UUID | None:
+    """The parent an entry is linked under: a tab's session, a pane's tab."""
+    if key[0] == TAB:
+        return entry.session_id
+    if key[0] == PANE:
+        return entry.tab_id
+    return None
+
+
+def _seq_of(chunk: Chunk) -> int:
+    return chunk.seq

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -203,10 +202,26 @@ def init_db(ctx: click.Context) -> None:
     show_default=True,
     help="Run RQ's scheduler (needed for retries with back-off; one is active per queue).",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    metavar="[HOST:]PORT",
+    envvar="PERTH_METRICS_PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (HOST defaults to 127.0.0.1).",
+)
 @click.pass_context
-def worker(ctx: click.Context, burst: bool, processes: int, with_scheduler: bool) -> None:
+def worker(
+    ctx: click.Context, burst: bool, processes: int, with_scheduler: bool, metrics_port: str | None
+) -> None:
     """Run RQ workers that apply batches to PostgreSQL."""
     settings = ctx.obj.backends(ctx, init="embedded")
+    if metrics_port is not None:
+        from workers.metrics import serve_metrics
+
+        try:
+            serve_metrics(settings, metrics_port, processes=processes)
+        except (ValueError, OSError) as exc:
+            fail(str(exc), code=2)
     if processes == 1:
         from workers.runner import run_worker
 
@@ -272,18 +287,9 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
 def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
     """Queue depth, lag, jobs, workers, backend health. Exit 1 if unhealthy."""
     settings = ctx.obj.backends(ctx)
-    from .status import gather_status, render_status
+    from .status import run_status
 
-    while True:
-        report = gather_status(settings)
-        text = json.dumps(report, indent=2, default=str) if as_json else render_status(report)
-        if watch:
-            click.clear()
-        click.echo(text)
-        if not watch:
-            break
-        time.sleep(watch)
-    sys.exit(0 if report["healthy"] else 1)
+    sys.exit(run_status(settings, as_json=as_json, watch=watch, echo=click.echo, clear=click.clear))
 
 
 @cli.command()

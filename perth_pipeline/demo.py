@@ -102,29 +102,7 @@ def run_demo(settings: Settings, echo: Callable[[str], None] = click.echo) -> di
                 manager.create_tab(tab)
             for pane in panes:
                 manager.create_pane(pane)
-            chunk_index = dict.fromkeys((p.id for p in panes), 0)
-            current = {p.id: p for p in panes}
-            dirs = ["/home/perth", "/srv/app", "/var/log", "/tmp", "/home/perth/src/perth"]
-            with click.progressbar(range(STEPS), label="simulating a terminal", width=30) as steps:
-                for step in steps:
-                    pane = current[rng.choice(panes).id]
-                    roll = rng.random()
-                    if roll < 0.45:
-                        pane = pane.model_copy(update={"title": f"vim notes-{step % 17}.md"})
-                        manager.update_pane(pane)
-                    elif roll < 0.7:
-                        pane = pane.model_copy(update={"cwd": rng.choice(dirs)})
-                        manager.update_pane(pane)
-                    elif roll < 0.95:
-                        line = f"$ make test  # step {step}\nok {rng.randint(1, 999)} passed\n".encode()
-                        chunk = PaneHistoryChunk(pane_id=pane.id, chunk_index=chunk_index[pane.id], content=line * 8)
-                        manager.append_pane_history(chunk)
-                        chunk_index[pane.id] += 1
-                    else:
-                        manager.touch_session(rng.choice(sessions).id)
-                    current[pane.id] = pane
-                    if step % 50 == 0:
-                        time.sleep(0.002)  # a terminal is not a tight loop: let the flusher send as it goes
+            _simulate(manager, rng, sessions, panes)
             # one tab closed, with its panes
             manager.delete_tab(tabs[-1].id)
             echo("waiting for the workers to commit everything ...")
@@ -148,6 +126,35 @@ def run_demo(settings: Settings, echo: Callable[[str], None] = click.echo) -> di
     finally:
         echo("stopping workers ...")
         _stop_workers(workers)
+
+
+def _simulate(
+    manager: PersistenceManager, rng: random.Random, sessions: list[SessionRecord], panes: list[PaneRecord]
+) -> None:
+    """Title and cwd changes, scrollback and activity, as a busy terminal makes them."""
+    chunk_index = dict.fromkeys((p.id for p in panes), 0)
+    current = {p.id: p for p in panes}
+    dirs = ["/home/perth", "/srv/app", "/var/log", "/tmp", "/home/perth/src/perth"]
+    with click.progressbar(range(STEPS), label="simulating a terminal", width=30) as steps:
+        for step in steps:
+            pane = current[rng.choice(panes).id]
+            roll = rng.random()
+            if roll < 0.45:
+                pane = pane.model_copy(update={"title": f"vim notes-{step % 17}.md"})
+                manager.update_pane(pane)
+            elif roll < 0.7:
+                pane = pane.model_copy(update={"cwd": rng.choice(dirs)})
+                manager.update_pane(pane)
+            elif roll < 0.95:
+                line = f"$ make test  # step {step}\nok {rng.randint(1, 999)} passed\n".encode()
+                chunk = PaneHistoryChunk(pane_id=pane.id, chunk_index=chunk_index[pane.id], content=line * 8)
+                manager.append_pane_history(chunk)
+                chunk_index[pane.id] += 1
+            else:
+                manager.touch_session(rng.choice(sessions).id)
+            current[pane.id] = pane
+            if step % 50 == 0:
+                time.sleep(0.002)  # a terminal is not a tight loop: let the flusher send as it goes
 
 
 def _summary(document: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """Logging set-up for the command line and workers: readable text or one JSON object per line.
 
-Secrets are masked: any ``scheme://user:password@`` in a message or field is
+Secrets are masked: any ``scheme://user:password@`` and any ``password=...`` (a
+libpq connection string, a URL query) in a message, a field or a traceback is
 printed with ``***`` instead of the password.
 """
 
@@ -10,23 +11,36 @@ import json
 import logging
 import re
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["JsonFormatter", "configure_logging", "mask_secrets"]
 
-_URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?P<post>@)")
+# the userinfo of a URL cannot hold a raw "/", "?", "#" or "@": stopping there keeps "host:port/x@y"
+# (not a password) readable
+_URL_PASSWORD = re.compile(
+    r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s\"']*:)(?P<pw>[^/?#@\s\"']+)(?P<post>@)"
+)
+# libpq key=value connection strings ("host=db password=secret") and URL query parameters
+_KEY_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 def mask_secrets(text: str) -> str:
-    return _URL_PASSWORD.sub(r"\g<pre>***\g<post>", text)
+    """``text`` with the passwords of URLs and of ``password=`` settings replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<pre>***\g<post>", text)
+    return _KEY_PASSWORD.sub(r"\g<pre>***", text)
 
 
 class _MaskingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        # RQ logs several lines per job at INFO (and sets its own loggers' levels as it likes):
+        # workers log one line per batch instead, so RQ is heard from at WARNING and above only
+        if record.levelno < logging.WARNING and record.name.split(".")[0] == "rq":
+            return False
         if isinstance(record.msg, str):
             record.msg = mask_secrets(record.msg)
-        if record.args:
+        if isinstance(record.args, tuple):
             record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in record.args)
         return True
 
@@ -34,13 +48,15 @@ class _MaskingFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
         for key, value in _extras(record).items():
-            data[key] = value if isinstance(value, int | float | bool | str | None) else str(value)
+            # numbers, strings and plain containers stay JSON (a batch's rows per table); others become text
+            plain = isinstance(value, int | float | bool | str | dict | list | tuple | None)
+            data[key] = value if plain else str(value)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return mask_secrets(json.dumps(data, default=str))
@@ -75,5 +91,4 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # RQ logs several lines per job at INFO; workers log one line per batch instead
     logging.getLogger("rq").setLevel(max(logging.WARNING, root.level))

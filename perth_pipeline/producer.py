@@ -29,10 +29,21 @@ import redis
 import zstandard
 from rq.job import Job, JobStatus, Retry
 
-from .batch import JOB_FUNCTION, EncodedBatch, encode_batches
+from .batch import JOB_FUNCTION, EncodedBatch, PackedJob, encode_batches
 from .breaker import CircuitBreaker
 from .broker import LIVE_STATUSES, Keys, make_queue, make_redis, read_db_health
-from .buffer import PANE, SESSION, TAB, TEMPLATE, Buffer, Chunk, Item, Touch
+from .buffer import (
+    PANE,
+    SESSION,
+    TAB,
+    TEMPLATE,
+    Buffer,
+    Chunk,
+    Drained,
+    Item,
+    Touch,
+    verify_template_name,
+)
 from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from .settings import Settings
@@ -49,6 +60,9 @@ _ROUTE_GRACE = 60.0
 _STATS_EVERY = 5.0
 _STATS_TTL = 30
 _MAX_BATCHES_PER_CYCLE = 16
+_LOG_EVERY = 30.0  # at most one line per this many seconds for a repeated condition
+#: What a dead or stuck Redis raises in the flusher (redis-py wraps most socket errors, not all).
+_REDIS_ERRORS = (redis.RedisError, OSError)
 
 _managers: weakref.WeakSet[PersistenceManager] = weakref.WeakSet()
 
@@ -79,6 +93,41 @@ def _refusal(meta: bytes | None) -> str | None:
         return None
     reason = value.get("perth_refused") if isinstance(value, dict) else None
     return str(reason) if reason else None
+
+
+class _Summary:
+    """One log line for many batches of one kind, at most every ``_LOG_EVERY`` seconds.
+
+    After a Redis restart hundreds of batches vanish at once; an outage must not flood
+    the terminal's log with a line per batch.
+    """
+
+    def __init__(self, what: str, level: int) -> None:
+        self.what = what
+        self.level = level
+        self.reasons: dict[str, int] = {}
+        self.example = ""
+        self.logged_at = -_LOG_EVERY
+
+    def note(self, reason: str, job_id: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.example = self.example or job_id
+
+    def emit(self) -> None:
+        if not self.reasons or time.monotonic() - self.logged_at < _LOG_EVERY:
+            return
+        self.logged_at = time.monotonic()
+        total = sum(self.reasons.values())
+        detail = "; ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items()))
+        logger.log(
+            self.level,
+            "%d %s: %s",
+            total,
+            self.what,
+            detail,
+            extra={"batches": total, "reasons": dict(self.reasons), "example_job_id": self.example},
+        )
+        self.reasons, self.example = {}, ""
 
 
 @dataclass(slots=True)
@@ -129,7 +178,7 @@ class PersistenceManager:
             socket_timeout=s.redis_socket_timeout,
             client_name=f"perth-producer-{self.origin}",
         )
-        self._queue = make_queue(s.queue, self._redis)
+        self._queue = make_queue(s.queue, self._redis, job_class=PackedJob)
         self._store = (
             Store(s.database_url, connect_timeout=s.db_connect_timeout, statement_timeout=s.statement_timeout)
             if s.database_url
@@ -148,6 +197,11 @@ class PersistenceManager:
         self._route_checked_at = 0.0
         self._unroutable_since: dict[UUID, float] = {}
         self._stats_published_at = 0.0
+        self._cycle_failures = 0
+        self._enqueue_failing = False
+        self._cycle_failure_logged_at = -_LOG_EVERY
+        self._resync_log = _Summary("batches sent again", logging.INFO)
+        self._refusal_log = _Summary("batches refused by the workers (not sent again)", logging.WARNING)
 
         self._inflight: OrderedDict[str, _InFlight] = OrderedDict()
         self._sending_min_seq: int | None = None
@@ -168,6 +222,8 @@ class PersistenceManager:
             "abandoned_jobs": 0,
             "refused_jobs": 0,
             "unroutable": 0,
+            "held_back": 0,  # flushes skipped because the queue was past queue_hard_depth
+            "unencodable": 0,  # operations the encoder could not take (a bug): dropped, not retried
         }
         _managers.add(self)
         if start:
@@ -239,9 +295,11 @@ class PersistenceManager:
         self.buffer.put_template(template)
 
     def delete_template(self, name: str) -> None:
-        if not isinstance(name, str) or not name or len(name) > 256:
+        try:
+            verify_template_name(name)
+        except InvalidRecord:
             self.buffer.count_invalid()
-            raise InvalidRecord("name", "a template name is a non-empty string of at most 256 characters")
+            raise
         self.buffer.delete(TEMPLATE, name)
 
     # --- durability and lifecycle ------------------------------------------------------------
@@ -286,11 +344,16 @@ class PersistenceManager:
         self._close_deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        _managers.discard(self)
+        if self._thread is None:
+            self._final_send()  # never started: send from here, within the same deadline
+        elif self._thread is not threading.current_thread():
             self._thread.join(max(0.0, timeout))
         if self._thread is not None and self._thread.is_alive():
+            # still blocked on a backend: it is a daemon thread and the process may exit; the
+            # clients it uses are left to it (closing them here could wait on its lock)
             logger.warning("flusher did not finish within %.1f s; unsent state is dropped", timeout)
-        _managers.discard(self)
+            return
         if self._store is not None:
             self._store.close()
         if self._owns_redis:
@@ -308,7 +371,11 @@ class PersistenceManager:
         out.update(self.buffer.gauges())
         with self._state:
             out["inflight_jobs"] = len(self._inflight)
+            out["sending"] = self._sending_min_seq is not None  # drained, not yet on the queue
+            oldest = next(iter(self._inflight.values()), None)
         out["queue_depth"] = self._queue_depth
+        # how far the workers are behind this producer: the age of its oldest batch not yet committed
+        out["lag_seconds"] = 0.0 if oldest is None else round(time.monotonic() - oldest.sent_at, 3)
         out["redis_down"] = self._redis_breaker.is_down
         out["database_down"] = self._db_ok is False
         out["origin"] = self.origin
@@ -326,7 +393,7 @@ class PersistenceManager:
                 try:
                     self._cycle()
                 except Exception:  # the flusher must survive anything; the next cycle retries
-                    logger.exception("persistence flusher cycle failed")
+                    self._log_cycle_failure()
                 with self._cond:
                     self._cond.notify_all()
             self._final_send()
@@ -343,21 +410,39 @@ class PersistenceManager:
             interval *= min(8.0, 1.0 + self._queue_depth / self.settings.queue_soft_depth)
         return interval
 
+    def _log_cycle_failure(self) -> None:
+        """A bug, not an outage: logged with its traceback, but not once per flush."""
+        self._cycle_failures += 1
+        now = time.monotonic()
+        if now - self._cycle_failure_logged_at >= _LOG_EVERY:
+            self._cycle_failure_logged_at = now
+            logger.exception(
+                "persistence flusher cycle failed (%d times so far); it goes on",
+                self._cycle_failures,
+                extra={"failures": self._cycle_failures},
+            )
+
     def _cycle(self) -> None:
         if self._redis_breaker.allow():
             try:
                 self._poll()
-                self._redis_breaker.success()
                 self._redis_ok_at = time.monotonic()
-            except redis.RedisError as exc:
+                if not self._enqueue_failing:
+                    # (reads alone do not prove that writes go through: a Redis at maxmemory
+                    # answers reads and refuses writes; then the next send decides)
+                    self._redis_breaker.success()
+            except _REDIS_ERRORS as exc:
                 self._redis_breaker.failure(exc)
         self._check_db()
         self._resolve_routes()
         if self.buffer.has_dirty():
             self._send()
 
+    def _redis_allowed(self) -> bool:
+        return not self._redis_breaker.is_down or self._redis_breaker.allow()
+
     def _can_send(self) -> bool:
-        if self._redis_breaker.is_down and not self._redis_breaker.allow():
+        if not self._redis_allowed():
             return False
         if self._db_ok is False:
             return False
@@ -366,39 +451,89 @@ class PersistenceManager:
         with self._state:
             return len(self._inflight) < self.settings.max_inflight_jobs
 
-    def _send(self, *, deadline: float | None = None) -> None:
+    def _send(self, *, deadline: float | None = None, closing: bool = False) -> None:
         for _ in range(_MAX_BATCHES_PER_CYCLE):
             if not self.buffer.has_dirty():
                 return
-            if not self._can_send():
+            if self._queue_depth >= self.settings.queue_hard_depth and not closing:
+                # backpressure: nothing is dropped, the state stays dirty until the queue drains
+                self.counters["held_back"] += 1
+                return
+            # when closing, the queue is the last chance of what is buffered: it is sent even while
+            # PostgreSQL is down or the queue is long (the workers apply it when they can)
+            if not (self._redis_allowed() if closing else self._can_send()):
                 self.counters["dropped_jobs"] += 1
                 return
             if deadline is not None and time.monotonic() > deadline:
                 return
-            drained = self.buffer.drain(self.settings.batch_max_ops)
-            if not len(drained):
-                return
             with self._state:
-                self._sending_min_seq = drained.min_seq
+                self._sending_min_seq = 0  # from the drain on, something is in transit: flush() waits
             try:
-                batches = encode_batches(
-                    drained,
-                    origin=self.origin,
-                    max_ops=self.settings.batch_max_ops,
-                    max_bytes=self.settings.batch_max_bytes,
-                    compressor=self._compressor,
-                )
-                self._enqueue(batches)
-            except redis.RedisError as exc:
-                self.buffer.redirty(drained.items, drained.touches, drained.chunks)
-                self.counters["dropped_jobs"] += 1
-                self._redis_breaker.failure(exc)
-                return
+                drained = self.buffer.drain(self.settings.batch_max_ops)
+                if not len(drained):
+                    return
+                with self._state:
+                    self._sending_min_seq = drained.min_seq
+                try:
+                    batches = self._encode(drained)
+                    if batches:
+                        self._enqueue(batches)
+                except Exception as exc:
+                    # not sent: its entities stay dirty (rule 3), whatever went wrong
+                    self.buffer.redirty(drained.items, drained.touches, drained.chunks)
+                    self.counters["dropped_jobs"] += 1
+                    if not isinstance(exc, _REDIS_ERRORS):
+                        raise
+                    self._enqueue_failing = True
+                    self._redis_breaker.failure(exc)
+                    return
+                else:
+                    self._enqueue_failing = False
+                    self._redis_breaker.success()
+                    self._redis_ok_at = time.monotonic()
             finally:
                 with self._state:
                     self._sending_min_seq = None
-            self._redis_breaker.success()
-            self._redis_ok_at = time.monotonic()
+            if len(drained) < self.settings.batch_max_ops:
+                # all that was dirty is sent: what the terminal writes meanwhile waits for the next
+                # cycle (and coalesces) instead of going out as a trickle of tiny jobs
+                return
+
+    def _encode(self, drained: Drained) -> list[EncodedBatch]:
+        try:
+            return self._encode_batches(drained)
+        except Exception:
+            # Something the write calls let through and the encoder cannot take (a bug): sent
+            # again and again it would block every flush after it. Encode one by one, drop what
+            # fails (counted, logged), send the rest.
+            self._log_cycle_failure()
+            return self._encode_batches(self._encodable(drained))
+
+    def _encode_batches(self, drained: Drained) -> list[EncodedBatch]:
+        return encode_batches(
+            drained,
+            origin=self.origin,
+            max_ops=self.settings.batch_max_ops,
+            max_bytes=self.settings.batch_max_bytes,
+            compressor=self._compressor,
+        )
+
+    def _encodable(self, drained: Drained) -> Drained:
+        """What of ``drained`` encodes, operation by operation; the rest is dropped and counted."""
+        good = Drained(
+            items=[i for i in drained.items if self._encodes(Drained(items=[i]))],
+            touches=[t for t in drained.touches if self._encodes(Drained(touches=[t]))],
+            chunks=[c for c in drained.chunks if self._encodes(Drained(chunks=[c]))],
+        )
+        self.counters["unencodable"] += len(drained) - len(good)
+        return good
+
+    def _encodes(self, one: Drained) -> bool:
+        try:
+            self._encode_batches(one)
+        except Exception:
+            return False
+        return True
 
     def _enqueue(self, batches: list[EncodedBatch]) -> None:
         s = self.settings
@@ -414,7 +549,10 @@ class PersistenceManager:
                     failure_ttl=s.failed_ttl,
                     retry=self._retry,
                 )
-                job.data = batch.data
+                if isinstance(job, PackedJob):
+                    job.use_packed(batch.data, batch.packed)  # compressed once, in encode_batches
+                else:
+                    job.data = batch.data
                 self._queue.enqueue_job(job, pipeline=pipe)
                 for session_id in batch.sessions:
                     key = self.keys.outstanding(session_id)
@@ -449,6 +587,8 @@ class PersistenceManager:
         self._note_db_health(read_db_health(results[len(jobs) + 1]))
         for job, (status, heartbeat, meta) in zip(jobs, results[: len(jobs)], strict=True):
             self._settle(job, status.decode() if status else None, heartbeat, meta)
+        self._resync_log.emit()
+        self._refusal_log.emit()
         if time.monotonic() - self._stats_published_at > _STATS_EVERY:
             self._publish_stats()
 
@@ -466,27 +606,22 @@ class PersistenceManager:
                 self.counters["abandoned_jobs"] += 1
                 self._forget(job)
                 self.buffer.redirty(job.items, job.touches, job.chunks)
+                self._resync_log.note("abandoned by its worker", job.job_id)
             return
         self._forget(job)
         refused = _refusal(meta)
         if refused is not None:
             # the workers refused what this producer sent: sending it again cannot help
             self.counters["refused_jobs"] += 1
-            logger.warning(
-                "batch %s refused by the workers: %s", job.job_id, refused, extra={"job_id": job.job_id}
-            )
+            self._refusal_log.note(refused, job.job_id)
             return
         if status is None:
+            # Redis lost it (restarted without persistence, or flushed): nothing says it ran
             self.counters["vanished_jobs"] += 1
         else:
             self.counters["failed_jobs"] += 1
-        resent = self.buffer.redirty(job.items, job.touches, job.chunks)
-        logger.info(
-            "batch %s %s; its entities are sent again",
-            job.job_id,
-            "vanished from Redis" if status is None else f"ended {status}",
-            extra={"job_id": job.job_id, "status": status, "resynced": resent},
-        )
+        self.buffer.redirty(job.items, job.touches, job.chunks)
+        self._resync_log.note("vanished from Redis" if status is None else f"ended {status}", job.job_id)
 
     def _abandoned(self, heartbeat: bytes) -> bool:
         try:
@@ -534,17 +669,20 @@ class PersistenceManager:
     def _resolve_routes(self) -> None:
         """Ask PostgreSQL for the session of tabs and panes this buffer does not hold."""
         now = time.monotonic()
-        if self._store is None or now - self._route_checked_at < _ROUTE_CHECK_EVERY:
+        if now - self._route_checked_at < _ROUTE_CHECK_EVERY:
             return
+        self._route_checked_at = now
         tab_ids, pane_ids = self.buffer.unrouted()
         if not tab_ids and not pane_ids:
             self._unroutable_since.clear()
             return
-        self._route_checked_at = now
-        try:
-            tabs, panes = self._store.routes(tab_ids, pane_ids)
-        except PersistenceError:
-            return
+        tabs: dict[UUID, UUID] = {}
+        panes: dict[UUID, tuple[UUID, UUID]] = {}
+        if self._store is not None:  # without a database, only the terminal's own writes can tell
+            try:
+                tabs, panes = self._store.routes(tab_ids, pane_ids)
+            except PersistenceError:
+                return
         self.buffer.learn_routes(tabs, panes)
         missing_tabs = [t for t in tab_ids if t not in tabs]
         missing_panes = [p for p in pane_ids if p not in panes]
@@ -572,17 +710,25 @@ class PersistenceManager:
         self._redis.set(self.keys.producer(self.origin), json.dumps(stats), ex=_STATS_TTL)
 
     def _final_send(self) -> None:
+        """On close: enqueue what is buffered, until the deadline; never wait for the workers."""
         deadline = getattr(self, "_close_deadline", time.monotonic() + 2.0)
         while self.buffer.has_dirty() and time.monotonic() < deadline:
-            before = self.buffer.min_unsent_seq()
-            if self._redis_breaker.is_down and not self._redis_breaker.allow():
+            sent = self.counters["enqueued_ops"]
+            try:
+                self._send(deadline=deadline, closing=True)
+            except Exception:  # whatever it is, close() returns; the state stays unsent
+                self._log_cycle_failure()
                 break
-            self._send(deadline=deadline)
-            if self.buffer.min_unsent_seq() == before:
-                break
+            if self.counters["enqueued_ops"] == sent:
+                break  # Redis is down, or nothing sendable is left (ancestors unknown)
         unsent = self.buffer.gauges()
         if unsent["dirty"] or unsent["pending_history_chunks"]:
-            logger.warning("closing with unsent state", extra=unsent)
+            logger.warning(
+                "closing with unsent state: %d entities, %d scrollback chunks",
+                unsent["dirty"],
+                unsent["pending_history_chunks"],
+                extra=unsent,
+            )
 
     # --- reads (synchronous, from PostgreSQL) ------------------------------------------------------
 

@@ -79,10 +79,14 @@ def _no_nul(value: str | None) -> str | None:
     return value
 
 
+# made once: json.dumps with options builds a new encoder per call, and this runs per record
+_compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
 def json_size(value: Any) -> int:
     """The size in bytes of ``value`` as compact JSON; raises ``ValueError`` if it is not JSON."""
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        text = _compact_json(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"is not JSON-serializable ({exc})") from None
     if "\\u0000" in text:
@@ -291,16 +295,20 @@ class Batch(BaseModel):
 
     def session_ids(self) -> list[UUID]:
         """The sessions this batch touches (its routing keys), sorted."""
-        ids: set[UUID] = set()
+        # keyed by UUID.int: hashing and ordering a UUID run in Python, an int's in C (same order)
+        ids: dict[int, UUID] = {}
         for op in self.ops:
             sid = session_of(op)
             if sid is not None:
-                ids.add(sid)
-        return sorted(ids)
+                ids[sid.int] = sid
+        return [ids[key] for key in sorted(ids)]
 
 
 def session_of(op: Any) -> UUID | None:
     """The session an operation belongs to, or ``None`` for templates."""
+    if type(op) in _UNDER_A_SESSION:  # the common case first: one dict look-up, no isinstance chain
+        sid: UUID = op.session_id
+        return sid
     if isinstance(op, SessionUpsert | TabUpsert):
         return op.record.id if isinstance(op, SessionUpsert) else op.record.session_id
     if isinstance(op, SessionDelete | SessionTouch):
@@ -309,6 +317,8 @@ def session_of(op: Any) -> UUID | None:
         return op.session_id
     return None
 
+
+_UNDER_A_SESSION = frozenset({PaneUpsert, PaneDelete, TabDelete, HistoryAppend})
 
 BATCH_ADAPTER: TypeAdapter[Batch] = TypeAdapter(Batch)
 

@@ -34,10 +34,16 @@ def parse_duration(text: str | float | int) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
 
+# libpq and redis-py also take the password as a URL query parameter (?password=...), and libpq
+# as a key=value connection string ("host=db password=secret")
+_PASSWORD_SETTING = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
+
+
 def mask_url(url: str | None) -> str:
     """``url`` with its password replaced by ``***``: safe for logs and ``status``."""
     if not url:
         return ""
+    url = _PASSWORD_SETTING.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -3,18 +3,26 @@
 A worker process keeps one connection for its whole life (no connection per job)
 and reopens it when it breaks. It also reports what it sees of PostgreSQL in a
 health key in Redis, which producers and ``perth-pipeline status`` read.
+
+The connection is set up so that a worker that dies cannot hold the locks of a
+session for long: ``client_connection_check_interval`` makes the server notice a
+vanished client within a second even in the middle of a statement (PostgreSQL 14+),
+and ``statement_timeout`` is kept below the job timeout, so that a stuck statement
+is cancelled by the server before RQ abandons the job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from typing import Any
 
 import psycopg
 import redis
+from psycopg.pq import TransactionStatus
 
 from perth_pipeline.broker import Keys, write_db_health
 from perth_pipeline.errors import DatabaseUnavailable
@@ -23,11 +31,18 @@ from perth_pipeline.store import connect
 
 from .applier import Applier
 
-__all__ = ["JobContext"]
+__all__ = ["JobContext", "effective_statement_timeout"]
 
 logger = logging.getLogger("workers.context")
 
 _HEALTH_EVERY = 2.0
+#: a successful round trip this recent spares the check before the next dequeue
+_CHECK_FRESH = 1.0
+
+
+def effective_statement_timeout(settings: Settings) -> float:
+    """``statement_timeout``, at most half the job timeout: a statement must not outlive its job."""
+    return min(settings.statement_timeout, settings.job_timeout / 2)
 
 
 class JobContext:
@@ -39,7 +54,16 @@ class JobContext:
         self.keys = Keys(settings.queue)
         self.name = name or socket.gethostname()
         self.applier = Applier(history_retention_bytes=settings.history_retention_bytes)
+        self.statement_timeout = effective_statement_timeout(settings)
+        if self.statement_timeout < settings.statement_timeout:
+            logger.warning(
+                "statement_timeout %.0f s is not below the job timeout %d s; using %.0f s",
+                settings.statement_timeout,
+                settings.job_timeout,
+                self.statement_timeout,
+            )
         self._conn: psycopg.Connection[Any] | None = None
+        self._ok_at = -_CHECK_FRESH
         self._health_at = 0.0
         self._health_ok: bool | None = None
         self.db_down_since: float | None = None
@@ -47,12 +71,28 @@ class JobContext:
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(
+            self._conn = None
+            conn = connect(
                 self.settings.database_url or "",
                 connect_timeout=self.settings.db_connect_timeout,
-                statement_timeout=self.settings.statement_timeout,
+                statement_timeout=self.statement_timeout,
             )
+            try:
+                self._configure(conn)
+            except psycopg.Error as exc:
+                with contextlib.suppress(Exception):  # it is discarded anyway
+                    conn.close()
+                raise DatabaseUnavailable(
+                    f"PostgreSQL unavailable at {mask_url(self.settings.database_url)}: {_first_line(exc)}"
+                ) from None
+            self._conn = conn
         return self._conn
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        # pg_stat_activity names the worker process that holds each backend
+        conn.execute("SELECT set_config('application_name', %s, false)", (f"perth-worker pid={os.getpid()}",))
+        if conn.info.server_version >= 140000:
+            conn.execute("SELECT set_config('client_connection_check_interval', '1s', false)")
 
     def discard_connection(self) -> None:
         if self._conn is not None:
@@ -60,18 +100,37 @@ class JobContext:
                 self._conn.close()
             self._conn = None
 
+    def connection_lost(self) -> bool:
+        """Whether the connection is gone (the server closed it, the network failed)."""
+        return self._conn is None or self._conn.closed or self._conn.broken
+
+    def after_failure(self) -> None:
+        """A job failed: keep the connection only if it is idle (not mid-statement, not in a transaction)."""
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.closed or conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
+            self.discard_connection()
+
     def check_database(self) -> bool:
-        """A cheap round trip; reconnects if needed. Reports the result (throttled)."""
+        """Whether PostgreSQL takes writes: a cheap round trip (skipped right after a success), reported."""
+        if self._conn is not None and not self._conn.broken and time.monotonic() - self._ok_at < _CHECK_FRESH:
+            return True
         try:
-            self.connection().execute("SELECT 1")
+            row = self.connection().execute("SELECT pg_is_in_recovery()").fetchone()
         except (psycopg.Error, DatabaseUnavailable) as exc:
             self.discard_connection()
             self.database_failed(exc)
+            return False
+        if row is not None and row[0]:
+            self.discard_connection()
+            self.database_failed(DatabaseUnavailable("PostgreSQL is a read-only standby (in recovery)"))
             return False
         self.database_ok()
         return True
 
     def database_ok(self) -> None:
+        self._ok_at = time.monotonic()
         if self.db_down_since is not None:
             logger.info(
                 "PostgreSQL reachable again after %.1f s",
@@ -83,6 +142,7 @@ class JobContext:
         self._report(True)
 
     def database_failed(self, exc: BaseException) -> None:
+        self._ok_at = -_CHECK_FRESH
         self.last_error = _first_line(exc)
         if self.db_down_since is None:
             self.db_down_since = time.monotonic()
@@ -115,5 +175,10 @@ class JobContext:
 
 
 def _first_line(exc: BaseException) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    if primary:
+        # the primary message only: DETAIL and CONTEXT may quote the user's data (a COPY row)
+        return str(primary)
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

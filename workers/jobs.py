@@ -6,11 +6,18 @@ used; nothing is ever unpickled.
 
 Failures are of two kinds:
 
-* the database is unreachable, restarting or timing out: the exception goes up
-  and RQ retries the batch with growing back-off;
-* the payload is not a valid batch (:class:`PoisonBatch`): the batch goes to
-  the failed registry at once with the reason, and is not retried. Valid
-  operations of a batch with an invalid neighbour are applied first.
+* the database is unreachable, restarting, or a statement timed out or lost a
+  deadlock too often (:class:`TransientFailure`): RQ retries the batch with
+  growing back-off. A connection found dead at the first statement (the server
+  restarted since the last batch) is replaced and the batch tried once more at
+  once, so a restart costs no retry;
+* the payload is not a valid batch, or the database refuses its content
+  (:class:`PoisonBatch`): the batch goes to the failed registry at once with the
+  reason, and is not retried. Valid operations of a batch with an invalid
+  neighbour are applied first.
+
+Reasons are one line and never quote the user's data: a database error is
+reported by its primary message only (its DETAIL and CONTEXT may quote a row).
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from perth_pipeline.records import (
 )
 from perth_pipeline.settings import Settings
 
+from . import maintenance, metrics
+from .applier import ApplyResult
 from .context import JobContext
 
-__all__ = ["ALLOWED", "PoisonBatch", "apply_batch", "bind", "parse_batch"]
+__all__ = ["ALLOWED", "PoisonBatch", "TransientFailure", "apply_batch", "bind", "parse_batch"]
 
 logger = logging.getLogger("workers.jobs")
 
@@ -55,6 +64,10 @@ _OP_ADAPTER: TypeAdapter[Any] = TypeAdapter(Operation)
 
 class PoisonBatch(Exception):
     """The job's payload cannot be applied, now or later: it goes to the failed registry."""
+
+
+class TransientFailure(Exception):
+    """The batch could not be applied now (database down, restarting, a statement timed out): retried."""
 
 
 def bind(context: JobContext | None) -> None:
@@ -145,18 +158,10 @@ def apply_batch(payload: Any) -> dict[str, Any]:
     except PoisonBatch as exc:
         raise _refuse(str(exc)) from None
     context = _current_context()
-    try:
-        result = context.applier.apply(context.connection(), batch, ops)
-    except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-        context.discard_connection()
-        context.database_failed(exc)
-        raise
-    except psycopg.errors.QueryCanceled:
-        raise  # statement_timeout: retried with back-off
-    except psycopg.Error as exc:
-        raise _refuse(f"the database refused the batch: {type(exc).__name__}: {_first_line(exc)}") from None
+    result = _apply(context, batch, ops)
     context.database_ok()
     _settle_outstanding(context, batch)
+    metrics.record_batch(result)
     logger.info(
         "applied batch %s: %d ops, %d sessions, %d rows in %.1f ms",
         batch.id,
@@ -174,6 +179,36 @@ def apply_batch(payload: Any) -> dict[str, Any]:
     return result.as_dict()
 
 
+def _apply(context: JobContext, batch: Batch, ops: list[Any]) -> ApplyResult:
+    """Apply on the process's connection; classify what went wrong (see the module's docstring)."""
+    for attempt in (1, 2):
+        try:
+            return context.applier.apply(context.connection(), batch, ops)
+        except DatabaseUnavailable as exc:  # could not (re)connect
+            context.database_failed(exc)
+            raise TransientFailure(str(exc)) from None
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            context.after_failure()
+            raise _refuse(f"the database refused the batch: {_describe(exc)}") from None
+        except psycopg.Error as exc:
+            lost = context.connection_lost()
+            context.after_failure()
+            if not lost:  # a statement timeout, a deadlock lost too often, a read-only server...
+                raise TransientFailure(_describe(exc)) from None
+            if attempt == 1:
+                continue  # most often a connection that died idle (a server restart): once more, fresh
+            context.database_failed(exc)
+            raise TransientFailure(f"PostgreSQL unavailable: {_describe(exc)}") from None
+        except BaseException:
+            context.after_failure()  # a job timeout or a cold shutdown mid-statement: never reuse it
+            raise
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
 def _settle_outstanding(context: JobContext, batch: Batch) -> None:
     """The batch is committed: reads of its sessions no longer wait for it."""
     job = get_current_job()
@@ -188,6 +223,10 @@ def _settle_outstanding(context: JobContext, batch: Batch) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    if primary:
+        return str(primary)  # never DETAIL or CONTEXT: they may quote the user's data
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -195,4 +234,5 @@ def _first_line(exc: BaseException) -> str:
 #: The job functions a worker runs, by the name producers put on the queue.
 ALLOWED: dict[str, Callable[..., Any]] = {
     "workers.jobs.apply_batch": apply_batch,
+    "workers.maintenance.cleanup": maintenance.cleanup,
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +24,37 @@ __all__ = ["Supervisor", "main", "run_worker"]
 
 logger = logging.getLogger("workers.runner")
 
+_PR_SET_PDEATHSIG = 1
+_registered: set[int] = set()  # processes that registered the fork hook (it is not undone)
+
+
+def _forked_children_die_with_this_process() -> None:
+    """Make any child forked from here (RQ's scheduler) die when this worker process dies.
+
+    RQ forks its scheduler from the worker, and the fork inherits the worker's Redis socket.
+    If the worker is SIGKILLed, the orphaned scheduler keeps that socket open, so Redis never
+    sees the worker go: its pending BLMOVE stays blocked and swallows the next batch into the
+    intermediate queue, where it waits a minute and more for RQ's clean-up. Linux only.
+    """
+    if not sys.platform.startswith("linux") or os.getpid() in _registered:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    forking = [0]
+
+    def before() -> None:
+        forking[0] = os.getpid()
+
+    def in_child() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != forking[0]:  # the parent died between the fork and the prctl
+            os._exit(0)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
+    _registered.add(os.getpid())
+
 
 def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool = True) -> bool:
     """Run one worker in this process until it is stopped (or, with ``burst``, the queue is empty)."""
@@ -31,6 +64,7 @@ def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool 
     connection = make_redis(settings.redis_url, connect_timeout=5.0, socket_timeout=30.0)
     queue = make_queue(settings.queue, connection, job_class=PerthJob)
     worker = PerthWorker([queue], settings=settings, connection=connection)
+    _forked_children_die_with_this_process()
     # RQ's own per-job lines are replaced by one structured line per batch (workers.jobs)
     return bool(worker.work(burst=burst, with_scheduler=with_scheduler, logging_level="WARNING"))
 
@@ -50,7 +84,14 @@ class Supervisor:
         args = [sys.executable, "-m", "workers"]
         if self.burst:
             args.append("--burst")
-        self._children[slot] = subprocess.Popen(args, env=self.env)
+        # a session (and process group) of its own: what a dead child leaves behind is reaped with it
+        self._children[slot] = subprocess.Popen(args, env=self.env, start_new_session=True)
+
+    @staticmethod
+    def _reap_group(child: subprocess.Popen[bytes]) -> None:
+        """Kill whatever is left of an exited child's process group (an orphaned RQ scheduler)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         if self._stopping:
@@ -67,6 +108,8 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        # the children have sessions of their own: a closed terminal reaches them through here
+        signal.signal(signal.SIGHUP, self._stop)
         for slot in range(self.processes):
             self._spawn(slot)
         while self._children:
@@ -75,6 +118,7 @@ class Supervisor:
                 if code is None:
                     continue
                 del self._children[slot]
+                self._reap_group(child)
                 if self._stopping or (self.burst and code == 0):
                     continue
                 restarts = self._restarts.get(slot, 0) + 1

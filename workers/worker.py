@@ -1,14 +1,22 @@
 """The worker class: an ``rq.SimpleWorker`` that runs only this project's jobs.
 
 * No fork per job; one PostgreSQL connection per process (``JobContext``).
-* Allowlist: a job's function is looked up by name in ``workers.jobs.ALLOWED``
-  before anything is imported; any other name (``os.system``...) and any
-  callback is refused, and the job goes to the failed registry with the reason.
+* Allowlist: before anything runs, a job is vetted (:meth:`PerthJob.refusal`): its
+  function is looked up by name in ``workers.jobs.ALLOWED`` (nothing is imported),
+  its data must be JSON of RQ's job format and of bounded size, its arguments must
+  fit the function, and it may carry no callbacks or webhooks. A refused job goes
+  to the failed registry with the reason, without retries; the worker goes on.
+  A job hash that RQ cannot even read is moved there too instead of stopping the worker.
 * A short started-job lease kept alive by a heartbeat thread while a job runs,
   and a short maintenance interval under a short lock of our own: a batch whose
-  worker was SIGKILLed is run again by another worker within a minute (RQ's
-  defaults: no heartbeat during a SimpleWorker job, job timeout + 60 s lease,
-  maintenance every 600 s under a 899 s lock).
+  worker was SIGKILLed is put back at the head of the queue by another worker
+  within a minute (RQ's defaults: no heartbeat during a SimpleWorker job, job
+  timeout + 60 s lease, maintenance every 600 s under a 899 s lock, and an
+  abandoned job retried through the scheduler). Maintenance also enqueues
+  retries that are overdue, should RQ's scheduler process be gone.
+* SIGTERM: the current batch is finished, then the worker exits. A second SIGTERM
+  (a cold shutdown) cancels the statement, rolls the batch back and puts it back
+  at the head of the queue.
 * While PostgreSQL is unreachable the worker takes no jobs (and says so in the
   health key) instead of burning the retries of the jobs on the queue.
 """
@@ -18,64 +26,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
+from types import FrameType
 from typing import Any
 
+import redis
 from rq import SimpleWorker
-from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
+from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
+from perth_pipeline.broker import Keys
 from perth_pipeline.settings import Settings
 
-from . import jobs
+from . import jobs, metrics, registries
 from .context import JobContext
+from .vetting import MAX_JOB_BYTES, PerthJob, UnknownJobFunction, short
 
-__all__ = ["PerthJob", "PerthWorker", "UnknownJobFunction"]
+__all__ = ["MAX_JOB_BYTES", "PerthJob", "PerthWorker", "UnknownJobFunction"]
 
 logger = logging.getLogger("workers.worker")
-
-
-class UnknownJobFunction(Exception):
-    """A job names a function this project does not define: refused, never imported."""
-
-
-class PerthJob(Job):
-    """A job whose function is resolved through the allowlist only."""
-
-    @property
-    def func(self) -> Any:
-        try:
-            name = self.func_name
-        except DeserializationError:
-            self.retries_left = 0
-            raise UnknownJobFunction("job data is not valid JSON of this project's format") from None
-        function = jobs.ALLOWED.get(name or "")
-        if function is None or self.instance is not None:
-            self.retries_left = 0
-            raise UnknownJobFunction(
-                f"refused job function {name!r}: this worker runs only {sorted(jobs.ALLOWED)}"
-            )
-        return function
-
-    # Callbacks are function names stored in Redis: refuse them rather than import them.
-    @property
-    def success_callback(self) -> Any:
-        return self._refuse_callback(self._success_callback_name)
-
-    @property
-    def failure_callback(self) -> Any:
-        return self._refuse_callback(self._failure_callback_name)
-
-    @property
-    def stopped_callback(self) -> Any:
-        return self._refuse_callback(self._stopped_callback_name)
-
-    def _refuse_callback(self, name: str | None) -> None:
-        if name:
-            self.retries_left = 0
-            raise UnknownJobFunction(f"refused callback {name!r}: callbacks are not allowed")
 
 
 class PerthWorker(SimpleWorker):
@@ -97,12 +69,20 @@ class PerthWorker(SimpleWorker):
         self.context = JobContext(settings, connection, name=self.name)
         jobs.bind(self.context)
         self._beat_stop = threading.Event()
+        self._cold_shutdown = False
         self.log_result_lifespan = False
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """One line with the reason; never the job's arguments (they are the user's data)."""
         exc_type, exc = exc_info[0], exc_info[1]
-        expected = isinstance(exc, jobs.PoisonBatch | UnknownJobFunction)
+        if self._cold_shutdown and isinstance(exc, SystemExit):
+            logger.warning(
+                "batch %s interrupted by a cold shutdown: rolled back, put back on the queue",
+                job.id,
+                extra={"job_id": job.id, "queue": job.origin},
+            )
+            return
+        expected = isinstance(exc, jobs.PoisonBatch | jobs.TransientFailure | UnknownJobFunction)
         logger.log(
             logging.WARNING if expected else logging.ERROR,
             "batch %s failed: %s: %s",
@@ -112,9 +92,45 @@ class PerthWorker(SimpleWorker):
             exc_info=None if expected else exc_info,
             extra={"job_id": job.id, "queue": job.origin},
         )
+        metrics.record_failure(job, exc_type)
         for handler in self._exc_handlers:
             if not handler(job, *exc_info):
                 break
+
+    def handle_job_failure(
+        self, job: Job, queue: Any, started_job_registry: Any = None, exc_string: str = ""
+    ) -> None:
+        if self._cold_shutdown:
+            self._put_back(job, queue)
+            return
+        # RQ keeps a failed job a year unless told otherwise, and a refused job that someone else
+        # enqueued says nothing: bound every failed job's stay (and its arguments) by the setting
+        if job.failure_ttl is None or not 0 <= job.failure_ttl <= self.settings.failed_ttl:
+            job.failure_ttl = self.settings.failed_ttl
+        super().handle_job_failure(
+            job, queue, started_job_registry=started_job_registry, exc_string=exc_string
+        )
+
+    # --- signals: a second SIGTERM rolls the batch back and puts it back ------------------------
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        requested = self._shutdown_requested_date
+        if requested is None or now() - requested >= timedelta(seconds=1):
+            # RQ ignores a repeat within a second (the same signal, sent twice by a pool)
+            self._cold_shutdown = True
+        super().request_force_stop(signum, frame)
+
+    def _put_back(self, job: Job, queue: Any) -> None:
+        """The job was interrupted (its transaction rolled back): at the head of the queue, no retry used."""
+        try:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe)
+                job.started_at = None
+                job.ended_at = None
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.execute()
+        except redis.RedisError:
+            logger.warning("could not put batch %s back; it is run again once its lease expires", job.id)
 
     # --- the lease: short, and kept alive while a job runs ---------------------------------
 
@@ -147,30 +163,60 @@ class PerthWorker(SimpleWorker):
     def clean_registries(self) -> None:
         lock_ttl = max(self.settings.maintenance_interval, 5)
         for queue in self.queues:
-            key = f"perth:{queue.name}:maintenance:lock"
-            if self.connection.set(key, self.name, nx=True, ex=lock_ttl):
-                try:
-                    clean_registries(queue, self._exc_handlers)
-                    clean_worker_registry(queue)
-                    queue.intermediate_queue.cleanup(self, queue)
-                finally:
+            key = Keys(queue.name).maintenance_lock
+            if not self.connection.set(key, self.name, nx=True, ex=lock_ttl):
+                continue
+            try:
+                for step in (self._requeue_abandoned, self._enqueue_overdue, self._clean_rq_registries):
+                    try:
+                        step(queue)
+                    except redis.RedisError:
+                        raise
+                    except Exception:  # one unreadable job must not stop the maintenance of the rest
+                        logger.exception("registry maintenance of queue %s failed", queue.name)
+            finally:
+                if self.connection.get(key) == self.name.encode():
                     self.connection.delete(key)
-        self.last_cleaned_at = _utcnow()
+        self.last_cleaned_at = now()  # type: ignore[assignment]
 
-    # --- PostgreSQL down: take no jobs ---------------------------------------------------------
+    def _clean_rq_registries(self, queue: Any) -> None:
+        clean_registries(queue, self._exc_handlers)
+        clean_worker_registry(queue)
+        queue.intermediate_queue.cleanup(self, queue)
+
+    def _requeue_abandoned(self, queue: Any) -> None:
+        registries.requeue_abandoned(self.connection, queue, self.settings)
+
+    def _enqueue_overdue(self, queue: Any) -> None:
+        registries.enqueue_overdue(self.connection, queue, self.settings)
+
+    # --- taking jobs: not while PostgreSQL is down; never stopped by an unreadable job ---------
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        while True:
+            if not self._wait_for_database(burst=timeout is None):
+                return None
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except Exception as exc:
+                job_id = getattr(exc, "job_id", None)  # set by RQ when it could not read a job
+                if job_id is None:
+                    raise
+                reason = f"unreadable job: {type(exc).__name__}: {short(str(exc))}"
+                queue = getattr(exc, "queue", None) or self.queues[0]
+                registries.quarantine(self.connection, queue, str(job_id), reason, self.settings)
+
+    def _wait_for_database(self, *, burst: bool) -> bool:
+        """Wait (with back-off) until PostgreSQL takes writes; False when stopping, or in burst mode."""
         delay = 1.0
         while not self.context.check_database():
-            if self._stop_requested:
-                return None
+            if self._stop_requested or burst:
+                return False
             self.heartbeat()
             self.procline(f"PostgreSQL unreachable; retrying in {delay:.0f}s")  # type: ignore[no-untyped-call]
             _interruptible_sleep(self, delay)
             delay = min(delay * 2, 10.0)
-            if timeout is not None and timeout <= 0:
-                return None
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        return True
 
     def teardown(self) -> None:
         try:
@@ -184,9 +230,3 @@ def _interruptible_sleep(worker: PerthWorker, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not worker._stop_requested:
         time.sleep(min(0.2, deadline - time.monotonic()))
-
-
-def _utcnow() -> Any:
-    from rq.utils import now
-
-    return now()

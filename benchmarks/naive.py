@@ -1,0 +1,54 @@
+"""The naive design the pipeline replaces: one RQ job per operation, one statement per row.
+
+``upsert_pane`` is the job (stock RQ: pickle, no allowlist); ``python -m
+benchmarks.naive QUEUE`` runs a stock ``rq.SimpleWorker`` on it, with
+``REDIS_URL`` and ``DATABASE_URL`` from the environment. The worker process
+keeps one connection (the naive design at its most generous: no connection per
+job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import redis
+from rq import Queue, SimpleWorker
+
+from perth_pipeline import PaneRecord
+
+from .backends import queries
+
+__all__ = ["naive_row", "upsert_pane"]
+
+
+def naive_row(pane: PaneRecord, session_id: UUID, version: int) -> dict[str, Any]:
+    """The arguments of one naive job: the pane's fields, its session and a version."""
+    return {**pane.model_dump(mode="json"), "session_id": str(session_id), "version": version}
+
+
+class _Connection:
+    conn: psycopg.Connection[Any] | None = None
+
+
+def upsert_pane(row: dict[str, Any]) -> None:
+    """One pane row, one statement, its own transaction."""
+    if _Connection.conn is None or _Connection.conn.closed:
+        _Connection.conn = psycopg.connect(os.environ["DATABASE_URL"], autocommit=True)
+    params = {**row, "component_state": json.dumps(row["component_state"])}
+    _Connection.conn.execute(queries()["naive_upsert_pane"].encode(), params)
+
+
+def main(argv: list[str]) -> int:
+    connection = redis.Redis.from_url(os.environ["REDIS_URL"])
+    worker = SimpleWorker([Queue(argv[0], connection=connection)], connection=connection)
+    worker.work(logging_level="WARNING")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,324 @@
+"""Retention: sessions inactive for too long, old tombstones, and rows whose parent never arrived.
+
+``perth-pipeline cleanup --older-than 30d`` and the scheduled cleanup job
+(``workers.maintenance.cleanup``) both run :func:`run_cleanup`.
+
+Removal is direct SQL (``sql/retention.sql``), not versioned deletes sent through
+the queue: it works with no worker running, reports exactly what it removed,
+and needs no producer clock. It cannot race a batch: each transaction first
+takes the per-session advisory locks that workers take to apply one (the same
+keys, in the same ascending order), then checks its condition again. A removed
+session leaves a tombstone just above every version stored for it, so a late
+re-delivery of any old write stays dead while a live terminal's new write (a
+higher version) brings the session back. Work is done a chunk of sessions per
+transaction, so that no transaction holds thousands of locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import click
+import psycopg
+from psycopg.rows import dict_row
+
+from .queries import load_queries
+from .settings import parse_duration
+
+__all__ = ["CleanupReport", "cleanup_command", "run_cleanup", "session_lock_key"]
+
+logger = logging.getLogger("perth_pipeline.retention")
+
+_CHUNK = 500
+_ATTEMPTS = 5
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_NIL = UUID(int=0)
+
+
+def session_lock_key(session_id: UUID) -> int:
+    """The advisory-lock key workers take for a session (``workers.applier.lock_key``)."""
+    return int.from_bytes(session_id.bytes[:8], "big", signed=True)
+
+
+@dataclass(slots=True)
+class CleanupReport:
+    """What a cleanup removed (or, with ``dry_run``, would remove)."""
+
+    older_than: float
+    tombstone_retention: float
+    dry_run: bool
+    cutoff: datetime | None = None
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    tabs: int = 0
+    panes: int = 0
+    history_chunks: int = 0
+    history_bytes: int = 0
+    orphan_tabs: int = 0
+    orphan_panes: int = 0
+    orphan_history_chunks: int = 0
+    tombstones: int = 0
+    template_tombstones: int = 0
+    tombstones_written: int = 0
+    ms: float = 0.0
+
+    @property
+    def removed(self) -> int:
+        return (
+            len(self.sessions)
+            + self.tabs
+            + self.panes
+            + self.history_chunks
+            + self.orphan_tabs
+            + self.orphan_panes
+            + self.orphan_history_chunks
+            + self.tombstones
+            + self.template_tombstones
+        )
+
+    def as_dict(self, *, max_sessions: int | None = None) -> dict[str, Any]:
+        shown = self.sessions if max_sessions is None else self.sessions[:max_sessions]
+        return {
+            "dry_run": self.dry_run,
+            "older_than": self.older_than,
+            "tombstone_retention": self.tombstone_retention,
+            "cutoff": self.cutoff.isoformat() if self.cutoff else None,
+            "sessions": len(self.sessions),
+            "session_list": shown,
+            "tabs": self.tabs,
+            "panes": self.panes,
+            "history_chunks": self.history_chunks,
+            "history_bytes": self.history_bytes,
+            "orphan_tabs": self.orphan_tabs,
+            "orphan_panes": self.orphan_panes,
+            "orphan_history_chunks": self.orphan_history_chunks,
+            "tombstones": self.tombstones,
+            "template_tombstones": self.template_tombstones,
+            "tombstones_written": self.tombstones_written,
+            "ms": round(self.ms, 1),
+        }
+
+    def lines(self, *, max_sessions: int = 50) -> list[str]:
+        verb = "would remove" if self.dry_run else "removed"
+        out = [
+            f"{verb} {_count(len(self.sessions), 'session')} inactive for more than "
+            f"{_duration(self.older_than)} (last active before {self.cutoff:%Y-%m-%d %H:%M:%S %Z})"
+            if self.cutoff
+            else f"{verb} {_count(len(self.sessions), 'session')}"
+        ]
+        for s in self.sessions[:max_sessions]:
+            out.append(f"  {s['id']}  {str(s['last_active'])[:19]}  {s['name']}")
+        if len(self.sessions) > max_sessions:
+            out.append(f"  ... and {len(self.sessions) - max_sessions} more")
+        if self.sessions:
+            out.append(
+                f"  with {_count(self.tabs, 'tab')}, {_count(self.panes, 'pane')}, "
+                f"{_count(self.history_chunks, 'scrollback chunk')} ({_bytes(self.history_bytes)})"
+            )
+        out.append(
+            f"{verb} {_count(self.orphan_tabs, 'orphan tab')}, {_count(self.orphan_panes, 'orphan pane')}, "
+            f"{_count(self.orphan_history_chunks, 'orphan scrollback chunk')} "
+            "(their parent never arrived)"
+        )
+        out.append(
+            f"{verb} {_count(self.tombstones, 'tombstone')} and "
+            f"{_count(self.template_tombstones, 'template tombstone')} older than "
+            f"{_duration(self.tombstone_retention)}"
+        )
+        return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"  # pragma: no cover - the loop always returns
+
+
+def _duration(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{int(seconds // length)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _retrying(what: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return step()
+        except _RETRYABLE as exc:
+            if attempt == _ATTEMPTS:
+                raise
+            logger.info("cleanup %s: %s, retrying (attempt %d)", what, type(exc).__name__, attempt)
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Cleanup:
+    def __init__(self, conn: psycopg.Connection[Any], chunk: int) -> None:
+        self.conn = conn
+        self.chunk = chunk
+        self.q = load_queries("retention.sql")
+
+    def one(self, name: str, **params: Any) -> dict[str, Any]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(self.q[name], params)
+            row = cur.fetchone()
+        assert row is not None
+        return row
+
+    def ids(self, name: str, cutoff: datetime) -> Iterator[list[UUID]]:
+        """Chunks of session ids (keyset by id, so each chunk makes progress)."""
+        after = _NIL
+        while True:
+            with self.conn.cursor() as cur:
+                cur.execute(self.q[name], {"cutoff": cutoff, "after": after, "limit": self.chunk})
+                ids = [row[0] for row in cur.fetchall()]
+            if not ids:
+                return
+            yield ids
+            after = ids[-1]
+
+    def locked(self, name: str, ids: list[UUID], cutoff: datetime) -> dict[str, Any]:
+        """``name`` in one transaction, under the sessions' advisory locks."""
+
+        def step() -> dict[str, Any]:
+            keys = sorted({session_lock_key(i) for i in ids})
+            with self.conn.transaction():
+                self.conn.execute(self.q["lock_sessions"], {"keys": keys})
+                return self.one(name, ids=ids, cutoff=cutoff)
+
+        return _retrying(name, step)
+
+
+def run_cleanup(
+    conn: psycopg.Connection[Any],
+    *,
+    older_than: float,
+    tombstone_retention: float,
+    dry_run: bool = False,
+    chunk: int = _CHUNK,
+) -> CleanupReport:
+    """Remove (or, with ``dry_run``, count) what retention allows; ``conn`` is in autocommit mode."""
+    if older_than <= 0 or tombstone_retention <= 0:
+        raise ValueError("retention durations must be positive")
+    started = time.perf_counter()
+    c = _Cleanup(conn, chunk)
+    report = CleanupReport(older_than=older_than, tombstone_retention=tombstone_retention, dry_run=dry_run)
+    cutoff = c.one("cutoff", seconds=older_than)["cutoff"]
+    tomb_cutoff = c.one("cutoff", seconds=tombstone_retention)["cutoff"]
+    report.cutoff = cutoff
+    if dry_run:
+        plan = c.one("plan_sessions", cutoff=cutoff)
+        report.sessions = list(plan["sessions"])
+        report.tabs, report.panes = plan["tabs"], plan["panes"]
+        report.history_chunks, report.history_bytes = plan["history_chunks"], int(plan["history_bytes"])
+        orphans = c.one("plan_orphans", cutoff=cutoff)
+        tombs = c.one("plan_tombstones", cutoff=tomb_cutoff)
+    else:
+        for ids in c.ids("expired_session_ids", cutoff):
+            done = c.locked("purge_sessions", ids, cutoff)
+            report.sessions += done["sessions"]
+            report.tabs += done["tabs"]
+            report.panes += done["panes"]
+            report.history_chunks += done["history_chunks"]
+            report.history_bytes += int(done["history_bytes"])
+            report.tombstones_written += done["tombstones_written"]
+        orphans = {"tabs": 0, "panes": 0, "history_chunks": 0}
+        for ids in c.ids("orphan_session_ids", cutoff):
+            done = c.locked("purge_orphans", ids, cutoff)
+            for key in orphans:
+                orphans[key] += done[key]
+        tombs = _retrying("purge_tombstones", lambda: c.one("purge_tombstones", cutoff=tomb_cutoff))
+    report.orphan_tabs, report.orphan_panes = orphans["tabs"], orphans["panes"]
+    report.orphan_history_chunks = orphans["history_chunks"]
+    report.tombstones, report.template_tombstones = tombs["tombstones"], tombs["template_tombstones"]
+    report.ms = (time.perf_counter() - started) * 1000
+    if not dry_run:
+        logger.info(
+            "cleanup removed %d sessions, %d orphan rows, %d tombstones in %.0f ms",
+            len(report.sessions),
+            report.orphan_tabs + report.orphan_panes + report.orphan_history_chunks,
+            report.tombstones + report.template_tombstones,
+            report.ms,
+            extra=report.as_dict(max_sessions=0),
+        )
+    return report
+
+
+def _seconds(value: str, option: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be more than zero", param_hint=option)
+    return seconds
+
+
+@click.command("cleanup")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="DURATION",
+    help="Remove sessions inactive for longer than this (30d, 12h...), and orphan rows as old.",
+)
+@click.option(
+    "--tombstones-older-than",
+    "tombstones_older_than",
+    default=None,
+    metavar="DURATION",
+    help="Remove tombstones older than this (default: PERTH_TOMBSTONE_RETENTION, 30d).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def cleanup_command(
+    ctx: click.Context, older_than: str, tombstones_older_than: str | None, dry_run: bool, as_json: bool
+) -> None:
+    """Remove old sessions (with their tabs, panes, scrollback), orphan rows and tombstones."""
+    import json
+
+    from .cli import fail
+    from .errors import PersistenceError
+    from .store import connect, wrap_errors
+
+    age = _seconds(older_than, "--older-than")
+    state = ctx.obj
+    tomb_age = (
+        _seconds(tombstones_older_than, "--tombstones-older-than")
+        if tombstones_older_than is not None
+        else state.settings.tombstone_retention
+    )
+    settings = state.backends(ctx)
+    url = settings.database_url or ""
+    try:
+        with (
+            wrap_errors(url),
+            connect(
+                url, connect_timeout=settings.db_connect_timeout, statement_timeout=settings.statement_timeout
+            ) as conn,
+        ):
+            report = run_cleanup(conn, older_than=age, tombstone_retention=tomb_age, dry_run=dry_run)
+    except PersistenceError as exc:
+        fail(str(exc))
+    except psycopg.Error as exc:  # a statement timeout, a read-only standby...: one line, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        fail(f"cleanup stopped: {type(exc).__name__}: {first} (what was removed before it stays removed)")
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        return
+    for line in report.lines():
+        click.echo(line)
