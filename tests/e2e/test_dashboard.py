@@ -363,7 +363,9 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
-def test_a_person_sees_the_queue_and_why_a_batch_failed(stocked: Stocked, dashboard: Dashboard) -> None:
+def test_a_person_sees_the_queue_and_why_a_batch_failed(
+    stocked: Stocked, dashboard: Dashboard, tmp_path: Path
+) -> None:
     # the queues page: one row per queue, filled in by the page's scripts
     html = chromium(f"{dashboard.url}/0/view/queues", "--dump-dom")
     assert "Loading..." not in html
@@ -388,11 +390,12 @@ def test_a_person_sees_the_queue_and_why_a_batch_failed(stocked: Stocked, dashbo
     assert len(descriptions) == stocked.queued
     assert all(d.startswith("apply_batch: ") and "{" not in d for d in descriptions)
 
-    # the screenshots the docs show
-    DOCS.mkdir(exist_ok=True)
+    # the screenshots the docs show (written into docs/ only when asked: PERTH_UPDATE_SCREENSHOTS=1)
+    shots = DOCS if os.environ.get("PERTH_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(exist_ok=True)
     for page, target, size in (
-        (failed_page, DOCS / "dashboard.png", (1280, 860)),
-        (f"{dashboard.url}/0/view/queues", DOCS / "dashboard-queues.png", (1280, 480)),
+        (failed_page, shots / "dashboard.png", (1280, 860)),
+        (f"{dashboard.url}/0/view/queues", shots / "dashboard-queues.png", (1280, 480)),
     ):
         chromium(page, f"--screenshot={target}", f"--window-size={size[0]},{size[1]}")
         assert png_size(target) == size

@@ -27,7 +27,8 @@ def fake() -> Iterator[fakeredis.FakeRedis]:
 
 @pytest.fixture
 def manager(fake: fakeredis.FakeRedis) -> Iterator[PersistenceManager]:
-    settings = Settings(redis_url=None, database_url=None, queue="unit", flush_interval=0.01)
+    # a long interval: batches are cut only when a test calls flush(), so what they hold is deterministic
+    settings = Settings(redis_url=None, database_url=None, queue="unit", flush_interval=30.0)
     m = PersistenceManager(settings=settings, redis_client=fake)
     yield m
     m.close(timeout=1)
@@ -44,7 +45,10 @@ def queued_jobs(fake: fakeredis.FakeRedis, queue: str = "unit") -> list[dict[str
 
 def sent_batches(manager: PersistenceManager, fake: fakeredis.FakeRedis) -> list[Batch]:
     manager.flush(timeout=0.05)  # sends; nothing commits without a worker
-    wait_for(lambda: not manager.buffer.has_dirty(), what="the buffer to be sent")
+    wait_for(
+        lambda: not manager.buffer.has_dirty() and not manager.stats()["sending"],
+        what="the buffer to be sent",
+    )
     batches = []
     for job in queued_jobs(fake):
         func, instance, args, kwargs = json.loads(job["data"])  # JSON, not pickle
