@@ -52,7 +52,7 @@ from .records import (
     TemplateRecord,
 )
 
-__all__ = ["Buffer", "Chunk", "Drained", "Item"]
+__all__ = ["Buffer", "Chunk", "Drained", "Item", "Receipt", "Touch"]
 
 logger = logging.getLogger("perth_pipeline.buffer")
 
@@ -61,6 +61,7 @@ TAB: Final = "tab"
 PANE: Final = "pane"
 TEMPLATE: Final = "template"
 
+#: The buffer's key of an entity: ``(kind, UUID.int)``; templates ``("template", name)``.
 Key = tuple[str, Any]
 Record = SessionRecord | TabRecord | PaneRecord | TemplateRecord
 
@@ -135,22 +136,26 @@ def _verify_tab(r: TabRecord) -> None:
     _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
 
 
-def _verify_pane(r: PaneRecord) -> None:
-    pane_id, title, cwd, command = r.pane_id, r.title, r.cwd, r.command
-    if (  # one expression for the common case; the checks below name the field otherwise
-        type(r.id) is UUID
-        and type(r.tab_id) is UUID
-        and r.pane_type in _known_pane_types
-        and type(pane_id) is str
-        and 0 < len(pane_id) <= MAX_PANE_ID_CHARS
-        and type(title) is str
-        and len(title) <= MAX_TITLE_CHARS
-        and (cwd is None or (type(cwd) is str and len(cwd) <= MAX_PATH_CHARS))
-        and (command is None or (type(command) is str and len(command) <= MAX_COMMAND_CHARS))
-    ):
-        text = f"{pane_id}{title}{cwd or ''}{command or ''}"
-        if text.isascii() and "\x00" not in text:
-            return
+def _verify_pane(r: PaneRecord, fields: dict[str, Any]) -> None:
+    """``fields`` is ``r.__dict__``: read once, a dict look-up per field instead of an attribute."""
+    try:
+        pane_id, title, cwd, command = fields["pane_id"], fields["title"], fields["cwd"], fields["command"]
+        if (  # one expression for the common case; the checks below name the field otherwise
+            type(fields["id"]) is UUID
+            and type(fields["tab_id"]) is UUID
+            and fields["pane_type"] in _known_pane_types
+            and type(pane_id) is str
+            and 0 < len(pane_id) <= MAX_PANE_ID_CHARS
+            and type(title) is str
+            and len(title) <= MAX_TITLE_CHARS
+            and (cwd is None or (type(cwd) is str and len(cwd) <= MAX_PATH_CHARS))
+            and (command is None or (type(command) is str and len(command) <= MAX_COMMAND_CHARS))
+        ):
+            text = f"{pane_id}{title}{cwd or ''}{command or ''}"
+            if text.isascii() and "\x00" not in text:
+                return
+    except (KeyError, TypeError):
+        pass  # a record built without its fields (model_construct): the checks below say which
     _id(r.id, "id")
     _id(r.tab_id, "tab_id")
     _text(r.pane_id, "pane_id", MAX_PANE_ID_CHARS, min_chars=1)
@@ -276,6 +281,7 @@ class _JsonCopier:
 @dataclass(slots=True)
 class _Entry:
     kind: str
+    ident: Any  # the entity's id (a UUID; a template's name)
     record: Record | None  # None once deleted
     snapshot: Any  # deep copy of the record's JSON field, taken on acceptance
     version: int
@@ -293,11 +299,12 @@ class Item(NamedTuple):
     """One entity operation as drained: an immutable view of an entry at one moment.
 
     (A named tuple: the flusher makes a thousand of these under the buffer's lock at a time,
-    and a tuple is made several times faster than a frozen dataclass.)
+    and a tuple is made several times faster than a frozen dataclass.) ``key`` is the public
+    key, ``(kind, UUID)`` or ``("template", name)``; ``ref`` the buffer's own.
     """
 
     kind: str
-    key: Key
+    key: tuple[str, Any]
     version: int
     seq: int
     record: Record | None
@@ -305,6 +312,32 @@ class Item(NamedTuple):
     deleted: bool
     tab_id: UUID | None
     session_id: UUID | None
+    ref: Key
+
+
+class Receipt(NamedTuple):
+    """What a sender keeps of drained items until it knows their fate (committed, or lost).
+
+    Enough to make them dirty again (their keys: the buffer resends the current state, never
+    the old one) and to forget committed deletes, but not their data. Upserts are kept as
+    ``(key, seq)`` tuples of ints and strings, which the cyclic garbage collector stops
+    tracking: a producer with thousands of batches in flight (a worker outage) then adds
+    nothing to the host's full collections. Deletes, rarer, are kept whole.
+    """
+
+    upserts: list[tuple[Key, int]]
+    deletes: list[Item]
+
+    @classmethod
+    def of(cls, items: Iterable[Item]) -> Receipt:
+        upserts: list[tuple[Key, int]] = []
+        deletes: list[Item] = []
+        for item in items:
+            if item.deleted:
+                deletes.append(item)
+            else:
+                upserts.append((item.ref, item.seq))
+        return cls(upserts, deletes)
 
 
 class Touch(NamedTuple):
@@ -317,6 +350,7 @@ class Touch(NamedTuple):
 @dataclass(slots=True)
 class Chunk:
     chunk: PaneHistoryChunk
+    pane: int  # the pane's id as the buffer keys it (``UUID.int``)
     version: int
     seq: int
     tab_id: UUID | None
@@ -349,6 +383,11 @@ class Buffer:
     (one record, one drained batch), never to what the buffer holds, so that a write
     call stays in microseconds even with a quarter of a million dirty entities behind an
     outage.
+
+    Inside, entities are keyed by ``(kind, UUID.int)`` (templates by ``(kind, name)``) and
+    parents by ``UUID.int``: hashing a UUID runs Python code (about half a microsecond here),
+    hashing an int does not, and a write call and its drain look keys up about a dozen
+    times. The UUIDs themselves are kept in the entries, for what goes out.
     """
 
     def __init__(
@@ -364,6 +403,8 @@ class Buffer:
         self.max_pending_history_bytes = max_pending_history_bytes
         self.max_json_bytes = max_json_bytes
         self.max_chunk_bytes = max_chunk_bytes
+        # Versions are issued under this buffer's lock only (and observed under it): the clock
+        # needs no lock of its own here. A clock passed in must not be shared.
         self.clock = clock or HybridClock()
         self._lock = threading.Lock()
         self._seq = 0
@@ -376,17 +417,18 @@ class Buffer:
         self._redirtied: set[Key] = set()
         self._redirtied_min: int | None = None  # a lower bound of the seqs in _redirtied
         self._unrouted: set[Key] = set()  # dirty tabs and panes whose session is not known yet
-        self._touches: dict[UUID, Touch] = {}
+        self._touches: dict[int, Touch] = {}  # session id (int) -> its pending touch
         self._history: deque[Chunk] = deque()  # in seq order
         self._history_bytes = 0
-        self._pending_chunks: dict[UUID, int] = {}  # pane id -> its chunks in _history
-        # parent id -> keys of the children written under it (a tab's session, a pane's tab; a
-        # pane under a tab this buffer does not hold also links that tab under its session)
-        self._children: dict[Any, set[Key]] = {}
-        # ancestors learnt from restores or database look-ups, for entities this buffer does not hold
-        self._tab_routes: OrderedDict[UUID, UUID] = OrderedDict()
-        self._pane_routes: OrderedDict[UUID, tuple[UUID, UUID]] = OrderedDict()
-        self._dropped: OrderedDict[UUID, None] = OrderedDict()
+        self._pending_chunks: dict[int, int] = {}  # pane id (int) -> its chunks in _history
+        # parent id (int) -> keys of the children written under it (a tab's session, a pane's tab;
+        # a pane under a tab this buffer does not hold also links that tab under its session)
+        self._children: dict[int, set[Key]] = {}
+        # ancestors learnt from restores or database look-ups, for entities this buffer does not
+        # hold, by id (int)
+        self._tab_routes: OrderedDict[int, UUID] = OrderedDict()
+        self._pane_routes: OrderedDict[int, tuple[UUID, UUID]] = OrderedDict()
+        self._dropped: OrderedDict[int, None] = OrderedDict()
         self._warned_full = False
         self._full_warning: dict[str, int] | None = None
         self.counters: dict[str, int] = {
@@ -404,11 +446,12 @@ class Buffer:
 
     def put_session(self, record: SessionRecord) -> None:
         self._accept(record, SessionRecord, "session", _verify_session)
+        ident = record.id.int
         try:
             with self._lock:
-                key = (SESSION, record.id)
+                key = (SESSION, ident)
                 entry = self._live.get(key)
-                if not self._admit(entry, record.id, None):
+                if not self._admit(entry, ident, None):
                     return
                 if entry is not None and isinstance(entry.record, SessionRecord):
                     held = entry.record.last_active
@@ -424,34 +467,46 @@ class Buffer:
     def put_tab(self, record: TabRecord) -> None:
         self._accept(record, TabRecord, "tab", _verify_tab)
         snapshot = self._copy(record.layout_blob, "layout_blob")
+        session_id = record.session_id
+        key = (TAB, record.id.int)
         try:
             with self._lock:
-                key = (TAB, record.id)
                 entry = self._live.get(key)
                 if entry is not None and not entry.deleted:
-                    if entry.session_id != record.session_id:
+                    if not _same(entry.session_id, session_id):
                         self.counters["invalid"] += 1
                         raise InvalidRecord("session_id", "a tab cannot move to another session")
                     self.counters["submitted"] += 1  # an update of a tab it holds
                     self._mark(entry, key, record, snapshot)
                     return
-                if not self._admit(entry, record.id, record.session_id):
+                if not self._admit(entry, key[1], session_id.int):
                     return
-                self._store(key, entry, record, snapshot, session_id=record.session_id, tab_id=None)
-                self._tab_routes.pop(record.id, None)
+                self._store(key, entry, record, snapshot, session_id=session_id, tab_id=None)
+                self._tab_routes.pop(key[1], None)
         finally:
             if self._full_warning is not None:
                 self._log_full()
 
     def put_pane(self, record: PaneRecord) -> None:
-        self._accept(record, PaneRecord, "pane", _verify_pane)
-        snapshot = self._copy(record.component_state, "component_state")
+        # The terminal's hottest call (a title or a scroll position changed): an update of a
+        # pane it holds is one look-up and a few assignments under the lock.
+        if type(record) is not PaneRecord:
+            self._refuse_type(record, PaneRecord, "pane")
+        fields = record.__dict__
+        try:
+            _verify_pane(record, fields)
+        except InvalidRecord:
+            self.count_invalid()
+            raise
+        snapshot = self._copy(fields["component_state"], "component_state")
+        tab_id = fields["tab_id"]
+        key = (PANE, fields["id"].int)
         try:
             with self._lock:
-                key = (PANE, record.id)
                 entry = self._live.get(key)
                 if entry is not None and not entry.deleted:
-                    if entry.tab_id != record.tab_id:
+                    held = entry.tab_id
+                    if held is not tab_id and (held is None or held.int != tab_id.int):
                         self.counters["invalid"] += 1
                         raise InvalidRecord(
                             "tab_id", "a pane cannot move to another tab (delete it and create a new one)"
@@ -460,13 +515,14 @@ class Buffer:
                         self.counters["submitted"] += 1
                         self._mark(entry, key, record, snapshot)
                         return
-                if not self._admit(entry, record.id, record.tab_id):
+                tab = tab_id.int
+                if not self._admit(entry, key[1], tab):
                     return
-                session_id = self._session_of_tab(record.tab_id)
-                self._store(key, entry, record, snapshot, session_id=session_id, tab_id=record.tab_id)
-                self._pane_routes.pop(record.id, None)
+                session_id = self._session_of_tab(tab)
+                self._store(key, entry, record, snapshot, session_id=session_id, tab_id=tab_id)
+                self._pane_routes.pop(key[1], None)
                 if session_id is not None:
-                    self._link_foreign_tab(record.tab_id, session_id)
+                    self._link_foreign_tab(tab, session_id.int)
         finally:
             if self._full_warning is not None:
                 self._log_full()
@@ -486,9 +542,10 @@ class Buffer:
                 self._log_full()
 
     def touch_session(self, session_id: UUID, now: datetime) -> None:
+        ident = session_id.int
         with self._lock:
             self.counters["submitted"] += 1
-            key = (SESSION, session_id)
+            key = (SESSION, ident)
             entry = self._live.get(key)
             if entry is not None and isinstance(entry.record, SessionRecord):
                 record = entry.record
@@ -498,24 +555,25 @@ class Buffer:
                 return
             if entry is not None:  # deleted: touching it changes nothing
                 return
-            pending = self._touches.get(session_id)
+            pending = self._touches.get(ident)
             if pending is not None:
                 self.counters["coalesced"] += 1
                 # keeps the seq of the oldest unsent touch: flush() waits for that one
                 latest = max(now, pending.last_active)
-                self._touches[session_id] = Touch(session_id, latest, self.clock.next(), pending.seq)
+                self._touches[ident] = Touch(session_id, latest, self.clock.next_unlocked(), pending.seq)
                 return
             if len(self._touches) >= self.max_entities:
                 self.counters["dropped_entities"] += 1
                 return
             self._seq += 1
-            self._touches[session_id] = Touch(session_id, now, self.clock.next(), self._seq)
+            self._touches[ident] = Touch(session_id, now, self.clock.next_unlocked(), self._seq)
 
     def delete(self, kind: str, entity_id: Any) -> None:
+        key = _ref(kind, entity_id)
+        ident = key[1]
         try:
             with self._lock:
                 self.counters["submitted"] += 1
-                key = (kind, entity_id)
                 entry = self._live.get(key)
                 if entry is None and len(self._live) >= 2 * self.max_entities:
                     # every slot holds a live entity or a delete not yet committed (a long outage)
@@ -523,10 +581,10 @@ class Buffer:
                     self._warn_full()
                     return
                 self._seq += 1
-                version = self.clock.next()
+                version = self.clock.next_unlocked()
                 if entry is None:
                     tab_id, session_id = self._route_unknown(kind, entity_id)
-                    entry = _Entry(kind, None, None, version, self._seq, True, tab_id, session_id)
+                    entry = _Entry(kind, entity_id, None, None, version, self._seq, True, tab_id, session_id)
                     self._live[key] = entry
                     parent = _parent(key, entry)
                     if parent is not None:
@@ -538,12 +596,11 @@ class Buffer:
                     entry.version, entry.seq = version, self._seq
                     entry.pending_delete = None  # this delete supersedes an earlier unsent one
                 self._make_dirty(key, entry, self._seq)
-                if isinstance(entity_id, UUID):
-                    self._dropped.pop(entity_id, None)
-                if kind in (SESSION, TAB, PANE):
-                    self._drop_descendants(entity_id, kind)
+                if kind != TEMPLATE:
+                    self._dropped.pop(ident, None)
+                    self._drop_descendants(ident, kind)
                 if kind == SESSION:
-                    self._touches.pop(entity_id, None)
+                    self._touches.pop(ident, None)
         finally:
             if self._full_warning is not None:
                 self._log_full()
@@ -556,16 +613,19 @@ class Buffer:
             raise InvalidRecord(
                 "content", f"chunk of {size} bytes is over the limit of {self.max_chunk_bytes}"
             )
+        pane = chunk.pane_id.int
         with self._lock:
             self.counters["submitted"] += 1
-            if chunk.pane_id in self._dropped:
+            if pane in self._dropped:
                 self.counters["dropped_chunks"] += 1
                 self.counters["dropped_chunk_bytes"] += size
                 return
             self._seq += 1
-            tab_id, session_id = self._route_of_pane(chunk.pane_id)
-            self._history.append(Chunk(chunk, self.clock.next(), self._seq, tab_id, session_id))
-            self._chunk_added(chunk.pane_id, size)
+            tab_id, session_id = self._route_of_pane(pane)
+            self._history.append(
+                Chunk(chunk, pane, self.clock.next_unlocked(), self._seq, tab_id, session_id)
+            )
+            self._chunk_added(pane, size)
             self._evict_history()
 
     def count_invalid(self) -> None:
@@ -574,10 +634,13 @@ class Buffer:
 
     # --- helpers under the lock -------------------------------------------------------------
 
+    def _refuse_type(self, record: Any, expected: type, what: str) -> None:
+        self.count_invalid()
+        raise InvalidRecord(what, f"expected a {expected.__name__}, got {type(record).__name__}")
+
     def _accept(self, record: Any, expected: type, what: str, verify: Callable[[Any], None]) -> None:
         if type(record) is not expected:
-            self.count_invalid()
-            raise InvalidRecord(what, f"expected a {expected.__name__}, got {type(record).__name__}")
+            self._refuse_type(record, expected, what)
         try:
             verify(record)
         except InvalidRecord:
@@ -591,7 +654,7 @@ class Buffer:
             self.count_invalid()
             raise
 
-    def _admit(self, entry: _Entry | None, entity_id: UUID | None, parent_id: UUID | None) -> bool:
+    def _admit(self, entry: _Entry | None, entity_id: int | None, parent_id: int | None) -> bool:
         """Whether a write may go in (False: dropped and counted). Called under the lock."""
         self.counters["submitted"] += 1
         if parent_id is not None and parent_id in self._dropped:
@@ -648,7 +711,7 @@ class Buffer:
         ):
             self._warned_full = False
 
-    def _remember_dropped(self, entity_id: UUID) -> None:
+    def _remember_dropped(self, entity_id: int) -> None:
         self._dropped[entity_id] = None
         if len(self._dropped) > _DROPPED_MEMORY:
             self._dropped.popitem(last=False)
@@ -664,7 +727,8 @@ class Buffer:
         tab_id: UUID | None,
     ) -> None:
         if entry is None:
-            entry = _Entry(key[0], record, snapshot, 0, 0)
+            ident = record.name if isinstance(record, TemplateRecord) else record.id
+            entry = _Entry(key[0], ident, record, snapshot, 0, 0)
             self._live[key] = entry
             self._live_count += 1
         elif entry.deleted:
@@ -684,10 +748,19 @@ class Buffer:
         self._mark(entry, key, record, snapshot)
 
     def _mark(self, entry: _Entry, key: Key, record: Record, snapshot: Any) -> None:
-        self._seq += 1
+        self._seq = seq = self._seq + 1
         entry.record, entry.snapshot = record, snapshot
-        entry.version, entry.seq = self.clock.next(), self._seq
-        self._make_dirty(key, entry, self._seq)
+        entry.version, entry.seq = self.clock.next_unlocked(), seq
+        dirty = self._dirty
+        if key in dirty:
+            # coalesced: it keeps the seq of its oldest unsent write (flush() waits for that one)
+            self.counters["coalesced"] += 1
+        else:
+            dirty[key] = seq
+        if entry.session_id is None and key[0] in (TAB, PANE):
+            self._unrouted.add(key)
+        elif self._unrouted:
+            self._unrouted.discard(key)
 
     def _make_dirty(self, key: Key, entry: _Entry, seq: int) -> None:
         if key in self._dirty:
@@ -700,7 +773,7 @@ class Buffer:
     def _track_route(self, key: Key, entry: _Entry) -> None:
         if entry.session_id is None and key[0] in (TAB, PANE):
             self._unrouted.add(key)
-        else:
+        elif self._unrouted:
             self._unrouted.discard(key)
 
     def _undirty(self, key: Key) -> bool:
@@ -713,24 +786,25 @@ class Buffer:
                 self._redirtied_min = None
         return True
 
-    def _link(self, parent_id: Any, key: Key) -> None:
+    def _link(self, parent_id: int, key: Key) -> None:
         children = self._children.get(parent_id)
         if children is None:
             self._children[parent_id] = {key}
         else:
             children.add(key)
 
-    def _unlink_from(self, parent_id: Any, key: Key) -> None:
+    def _unlink_from(self, parent_id: int, key: Key) -> None:
         children = self._children.get(parent_id)
         if children is not None:
             children.discard(key)
             if not children:
                 del self._children[parent_id]
 
-    def _link_foreign_tab(self, tab_id: UUID, session_id: UUID) -> None:
+    def _link_foreign_tab(self, tab_id: int, session_id: int) -> None:
         # a pane under a tab this buffer does not hold: a delete of the session must still find it
-        if (TAB, tab_id) not in self._live:
-            self._link(session_id, (TAB, tab_id))
+        key = (TAB, tab_id)
+        if key not in self._live:
+            self._link(session_id, key)
 
     def _forget(self, key: Key, entry: _Entry) -> None:
         """Remove an entry for good (its delete committed, or dropped)."""
@@ -741,16 +815,16 @@ class Buffer:
         if not entry.deleted:
             self._release_slot()
 
-    def _session_of_tab(self, tab_id: UUID) -> UUID | None:
+    def _session_of_tab(self, tab_id: int) -> UUID | None:
         tab = self._live.get((TAB, tab_id))
         if tab is not None and tab.session_id is not None:
             return tab.session_id
         return self._tab_routes.get(tab_id)
 
-    def _route_of_pane(self, pane_id: UUID) -> tuple[UUID | None, UUID | None]:
+    def _route_of_pane(self, pane_id: int) -> tuple[UUID | None, UUID | None]:
         pane = self._live.get((PANE, pane_id))
         if pane is not None and pane.tab_id is not None:
-            return pane.tab_id, pane.session_id or self._session_of_tab(pane.tab_id)
+            return pane.tab_id, pane.session_id or self._session_of_tab(pane.tab_id.int)
         route = self._pane_routes.get(pane_id)
         return route if route is not None else (None, None)
 
@@ -758,15 +832,15 @@ class Buffer:
         if kind == SESSION:
             return None, entity_id
         if kind == TAB:
-            return None, self._tab_routes.get(entity_id)
+            return None, self._tab_routes.get(entity_id.int)
         if kind == PANE:
-            return self._route_of_pane(entity_id)
+            return self._route_of_pane(entity_id.int)
         return None, None
 
-    def _drop_descendants(self, parent_id: UUID, kind: str) -> None:
+    def _drop_descendants(self, parent_id: int, kind: str) -> None:
         """A delete supersedes everything buffered under it (the apply cascades by version)."""
         stack = [parent_id]
-        doomed_panes: set[UUID] = {parent_id} if kind == PANE else set()
+        doomed_panes: set[int] = {parent_id} if kind == PANE else set()
         while stack:
             current = stack.pop()
             for child_key in self._children.pop(current, ()):
@@ -781,9 +855,9 @@ class Buffer:
         if self._history and not doomed_panes.isdisjoint(self._pending_chunks):
             kept: deque[Chunk] = deque()
             for chunk in self._history:
-                if chunk.chunk.pane_id in doomed_panes:
+                if chunk.pane in doomed_panes:
                     self.counters["superseded"] += 1
-                    self._chunk_gone(chunk.chunk.pane_id, chunk.size)
+                    self._chunk_gone(chunk.pane, chunk.size)
                 else:
                     kept.append(chunk)
             self._history = kept
@@ -803,11 +877,11 @@ class Buffer:
         if self._undirty(key):
             self.counters["superseded"] += 1
 
-    def _chunk_added(self, pane_id: UUID, size: int) -> None:
+    def _chunk_added(self, pane_id: int, size: int) -> None:
         self._history_bytes += size
         self._pending_chunks[pane_id] = self._pending_chunks.get(pane_id, 0) + 1
 
-    def _chunk_gone(self, pane_id: UUID, size: int) -> None:
+    def _chunk_gone(self, pane_id: int, size: int) -> None:
         self._history_bytes -= size
         left = self._pending_chunks.get(pane_id, 0) - 1
         if left > 0:
@@ -819,7 +893,7 @@ class Buffer:
         """Past the byte bound the oldest pending chunks go first (counted: gaps on restore)."""
         while self._history_bytes > self.max_pending_history_bytes and self._history:
             old = self._history.popleft()
-            self._chunk_gone(old.chunk.pane_id, old.size)
+            self._chunk_gone(old.pane, old.size)
             self.counters["dropped_chunks"] += 1
             self.counters["dropped_chunk_bytes"] += old.size
 
@@ -850,11 +924,11 @@ class Buffer:
             while budget > 0 and self._history:
                 chunk = self._history[0]
                 if chunk.session_id is None:
-                    chunk.tab_id, chunk.session_id = self._route_of_pane(chunk.chunk.pane_id)
+                    chunk.tab_id, chunk.session_id = self._route_of_pane(chunk.pane)
                     if chunk.session_id is None:
                         break  # keep order: wait for the pane's route
                 self._history.popleft()
-                self._chunk_gone(chunk.chunk.pane_id, chunk.size)
+                self._chunk_gone(chunk.pane, chunk.size)
                 out.chunks.append(chunk)
                 budget -= 1
         return out
@@ -874,17 +948,18 @@ class Buffer:
             if unrouted and key in unrouted and not self._routed(key, entry):
                 continue
             taken.append(key)
-            tab_id, session_id = entry.tab_id, entry.session_id
+            kind, tab_id, session_id = entry.kind, entry.tab_id, entry.session_id
+            public = (kind, entry.ident)
             if entry.pending_delete is not None:
                 # the delete goes first so that its cascade is not lost to the re-creation
                 items.append(
-                    Item(entry.kind, key, entry.pending_delete, seq, None, None, True, tab_id, session_id)
+                    Item(kind, public, entry.pending_delete, seq, None, None, True, tab_id, session_id, key)
                 )
                 entry.pending_delete = None
             items.append(
                 Item(
-                    entry.kind,
-                    key,
+                    kind,
+                    public,
                     entry.version,
                     seq,
                     entry.record,
@@ -892,10 +967,18 @@ class Buffer:
                     entry.deleted,
                     tab_id,
                     session_id,
+                    key,
                 )
             )
+        pop = self._dirty.pop
         for key in taken:
-            self._undirty(key)
+            pop(key)
+        if unrouted:
+            unrouted.difference_update(taken)
+        if self._redirtied:
+            self._redirtied.difference_update(taken)
+            if not self._redirtied:
+                self._redirtied_min = None
         return len(taken)
 
     def _routed(self, key: Key, entry: _Entry) -> bool:
@@ -907,15 +990,15 @@ class Buffer:
             if entry.tab_id is None:
                 entry.tab_id, entry.session_id = self._route_of_pane(key[1])
             else:
-                entry.session_id = self._session_of_tab(entry.tab_id)
+                entry.session_id = self._session_of_tab(entry.tab_id.int)
         if entry.session_id is None:
             return False
         self._unrouted.discard(key)
         if kind == TAB:
-            self._link(entry.session_id, key)
+            self._link(entry.session_id.int, key)
         elif entry.tab_id is not None:
-            self._link(entry.tab_id, key)
-            self._link_foreign_tab(entry.tab_id, entry.session_id)
+            self._link(entry.tab_id.int, key)
+            self._link_foreign_tab(entry.tab_id.int, entry.session_id.int)
         return True
 
     def unrouted(self) -> tuple[list[UUID], list[UUID]]:
@@ -932,12 +1015,12 @@ class Buffer:
                 elif key[0] == PANE and entry.tab_id is not None:
                     tabs.add(entry.tab_id)
                 elif key[0] == PANE:
-                    panes.add(key[1])
+                    panes.add(entry.ident)
                 else:
-                    tabs.add(key[1])
+                    tabs.add(entry.ident)
             if self._history and self._history[0].session_id is None:
                 head = self._history[0]
-                head.tab_id, head.session_id = self._route_of_pane(head.chunk.pane_id)
+                head.tab_id, head.session_id = self._route_of_pane(head.pane)
                 if head.session_id is None:
                     panes.add(head.chunk.pane_id)
         return sorted(tabs), sorted(panes)
@@ -950,18 +1033,21 @@ class Buffer:
         """Remember ancestors read from the database (restores, look-ups), bounded."""
         with self._lock:
             for tab_id, session_id in (tabs or {}).items():
-                self._tab_routes[tab_id] = session_id
-                self._tab_routes.move_to_end(tab_id)
+                ident = tab_id.int
+                self._tab_routes[ident] = session_id
+                self._tab_routes.move_to_end(ident)
             for pane_id, route in (panes or {}).items():
-                self._pane_routes[pane_id] = route
-                self._pane_routes.move_to_end(pane_id)
+                ident = pane_id.int
+                self._pane_routes[ident] = route
+                self._pane_routes.move_to_end(ident)
             for routes in (self._tab_routes, self._pane_routes):
                 while len(routes) > self.max_entities:
                     routes.popitem(last=False)
 
     def discard_unroutable(self, tab_ids: Iterable[UUID], pane_ids: Iterable[UUID]) -> int:
         """Drop dirty entities and chunks whose ancestors no one knows (counted)."""
-        tabs, panes = set(tab_ids), set(pane_ids)
+        tabs = {t.int for t in tab_ids}
+        panes = {p.int for p in pane_ids}
         dropped = 0
         with self._lock:
             for key in list(self._unrouted):
@@ -969,16 +1055,17 @@ class Buffer:
                 if entry is None or entry.session_id is not None:
                     continue
                 if (key[0] == TAB and key[1] in tabs) or (
-                    key[0] == PANE and (key[1] in panes or entry.tab_id in tabs)
+                    key[0] == PANE
+                    and (key[1] in panes or (entry.tab_id is not None and entry.tab_id.int in tabs))
                 ):
                     self._undirty(key)
                     self._forget(key, entry)
                     dropped += 1
             while self._history and self._history[0].session_id is None:
-                if self._history[0].chunk.pane_id not in panes:
+                if self._history[0].pane not in panes:
                     break
                 chunk = self._history.popleft()
-                self._chunk_gone(chunk.chunk.pane_id, chunk.size)
+                self._chunk_gone(chunk.pane, chunk.size)
                 self.counters["dropped_chunks"] += 1
                 self.counters["dropped_chunk_bytes"] += chunk.size
             self.counters["dropped_entities"] += dropped
@@ -988,61 +1075,75 @@ class Buffer:
         self, items: Iterable[Item], touches: Iterable[Touch] = (), chunks: Iterable[Chunk] = ()
     ) -> int:
         """Make undelivered operations dirty again (unless superseded since). Returns how many."""
+        return self.redirty_receipt(Receipt.of(items), touches, chunks)
+
+    def redirty_receipt(
+        self, receipt: Receipt, touches: Iterable[Touch] = (), chunks: Iterable[Chunk] = ()
+    ) -> int:
+        """:meth:`redirty` of what a :class:`Receipt` kept of the items."""
         count = 0
-        given = list(items)
-        for start in range(0, len(given), _SLICE):
+        upserts, deletes = receipt.upserts, receipt.deletes
+        for start in range(0, len(upserts), _SLICE):
             if start:
                 _let_writers_in()
             with self._lock:
-                for item in given[start : start + _SLICE]:
-                    count += self._redirty_item(item)
+                for ref, seq in upserts[start : start + _SLICE]:
+                    entry = self._live.get(ref)
+                    if entry is not None:  # else superseded by a delete of it or of an ancestor
+                        count += self._redirty_key(ref, entry, seq)
         with self._lock:
+            for item in deletes:
+                count += self._redirty_delete(item)
             for touch in touches:
                 count += self._redirty_touch(touch)
             count += self._redirty_chunks(list(chunks))
             self.counters["resynced"] += count
         return count
 
-    def _redirty_item(self, item: Item) -> int:
-        entry = self._live.get(item.key)
+    def _redirty_delete(self, item: Item) -> int:
+        entry = self._live.get(item.ref)
         if entry is None:
-            if not item.deleted:
-                return 0  # superseded by a delete of it or of an ancestor, which covers it
             # a lost delete is always sent again: the entry is gone only because something that
             # covers it was committed or superseded it, and applying it again changes nothing then
-            entry = _Entry(item.kind, None, None, item.version, item.seq, True, item.tab_id, item.session_id)
-            self._live[item.key] = entry
-            parent = _parent(item.key, entry)
+            entry = _Entry(
+                item.kind, item.key[1], None, None, item.version, item.seq, True, item.tab_id, item.session_id
+            )
+            self._live[item.ref] = entry
+            parent = _parent(item.ref, entry)
             if parent is not None:
-                self._link(parent, item.key)
-        elif item.deleted and not entry.deleted and entry.version > item.version:
+                self._link(parent, item.ref)
+        elif not entry.deleted and entry.version > item.version:
             # re-created since: the lost delete still has to go before the new state
             entry.pending_delete = max(entry.pending_delete or 0, item.version)
-        if item.key in self._dirty:
+        return self._redirty_key(item.ref, entry, item.seq)
+
+    def _redirty_key(self, key: Key, entry: _Entry, seq: int) -> int:
+        if key in self._dirty:
             return 0
-        seq = min(item.seq, entry.seq)
-        self._dirty[item.key] = seq
-        self._redirtied.add(item.key)
+        seq = min(seq, entry.seq)
+        self._dirty[key] = seq
+        self._redirtied.add(key)
         self._redirtied_min = seq if self._redirtied_min is None else min(self._redirtied_min, seq)
-        self._track_route(item.key, entry)
+        self._track_route(key, entry)
         return 1
 
     def _redirty_touch(self, touch: Touch) -> int:
-        entry = self._live.get((SESSION, touch.session_id))
+        ident = touch.session_id.int
+        entry = self._live.get((SESSION, ident))
         if entry is None:
-            if touch.session_id in self._touches:
+            if ident in self._touches:
                 return 0  # a newer touch of it is pending
-            self._touches[touch.session_id] = touch
+            self._touches[ident] = touch
             return 1
         if isinstance(entry.record, SessionRecord) and touch.last_active > entry.record.last_active:
             # held since: the record carries last_active now
             record = entry.record.model_copy(update={"last_active": touch.last_active})
-            self._mark(entry, (SESSION, touch.session_id), record, None)
+            self._mark(entry, (SESSION, ident), record, None)
             return 1
         return 0
 
     def _redirty_chunks(self, chunks: list[Chunk]) -> int:
-        restored = [c for c in chunks if c.chunk.pane_id not in self._dropped and not self._superseded(c)]
+        restored = [c for c in chunks if c.pane not in self._dropped and not self._superseded(c)]
         if not restored:
             return 0
         restored.sort(key=_seq_of)
@@ -1054,28 +1155,31 @@ class Buffer:
         for chunk in reversed(list(heapq.merge(younger, restored, key=_seq_of))):
             self._history.appendleft(chunk)
         for chunk in restored:
-            self._chunk_added(chunk.chunk.pane_id, chunk.size)
+            self._chunk_added(chunk.pane, chunk.size)
         self._evict_history()
         return len(restored)
 
     def _superseded(self, chunk: Chunk) -> bool:
-        pane = self._live.get((PANE, chunk.chunk.pane_id))
+        pane = self._live.get((PANE, chunk.pane))
         return pane is not None and pane.deleted and pane.version > chunk.version
 
     def confirm(self, items: Iterable[Item]) -> None:
         """Operations committed: a delete that is still the latest state is forgotten."""
+        self.confirm_deletes([item for item in items if item.deleted])
+
+    def confirm_deletes(self, deletes: Iterable[Item]) -> None:
+        """:meth:`confirm` of committed deletes (what a :class:`Receipt` keeps of them)."""
         with self._lock:
-            for item in items:
-                if not item.deleted:
-                    continue
-                entry = self._live.get(item.key)
+            for item in deletes:
+                entry = self._live.get(item.ref)
                 current = entry is not None and entry.deleted and entry.version == item.version
-                if current and entry is not None and item.key not in self._dirty:
-                    self._forget(item.key, entry)
+                if current and entry is not None and item.ref not in self._dirty:
+                    self._forget(item.ref, entry)
             self._maybe_rearm()
 
     def observe_version(self, version: int) -> None:
-        self.clock.observe(version)
+        with self._lock:  # versions are issued under this lock (see __init__)
+            self.clock.observe(version)
 
     # --- introspection --------------------------------------------------------------------------
 
@@ -1117,12 +1221,23 @@ def _let_writers_in() -> None:
     time.sleep(0.00002)
 
 
-def _parent(key: Key, entry: _Entry) -> UUID | None:
-    """The parent an entry is linked under: a tab's session, a pane's tab."""
-    if key[0] == TAB:
-        return entry.session_id
-    if key[0] == PANE:
-        return entry.tab_id
+def _ref(kind: str, ident: Any) -> Key:
+    """The buffer's key of an entity: ``(kind, UUID.int)``, or ``("template", name)``."""
+    return (kind, ident) if kind == TEMPLATE else (kind, ident.int)
+
+
+def _same(a: UUID | None, b: UUID | None) -> bool:
+    """``a == b`` for UUIDs without UUID.__eq__ (Python code) in the common case."""
+    return a is b or (a is not None and b is not None and a.int == b.int)
+
+
+def _parent(key: Key, entry: _Entry) -> int | None:
+    """The parent an entry is linked under: a tab's session, a pane's tab (as ``UUID.int``)."""
+    kind = key[0]
+    if kind == TAB:
+        return None if entry.session_id is None else entry.session_id.int
+    if kind == PANE:
+        return None if entry.tab_id is None else entry.tab_id.int
     return None
 
 

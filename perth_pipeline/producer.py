@@ -19,7 +19,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -40,7 +40,7 @@ from .buffer import (
     Buffer,
     Chunk,
     Drained,
-    Item,
+    Receipt,
     Touch,
     verify_template_name,
 )
@@ -58,6 +58,10 @@ _DB_CHECK_EVERY = 5.0
 _ROUTE_CHECK_EVERY = 1.0
 _ROUTE_GRACE = 60.0
 _STATS_EVERY = 5.0
+#: With nothing in flight and nothing to send, the flusher looks at Redis this often (for the queue
+#: depth, PostgreSQL's health and the breaker), not at every flush interval: an idle terminal costs
+#: Redis one round trip a second, not twenty.
+_IDLE_POLL_EVERY = 1.0
 _STATS_TTL = 30
 _MAX_BATCHES_PER_CYCLE = 16
 _LOG_EVERY = 30.0  # at most one line per this many seconds for a repeated condition
@@ -132,13 +136,14 @@ class _Summary:
 
 @dataclass(slots=True)
 class _InFlight:
+    """A batch on the queue, not yet known to be committed: what a resend needs, not its data."""
+
     job_id: str
-    items: list[Item]
+    receipt: Receipt  # its entities' keys (the buffer resends their current state)
     touches: list[Touch]
-    chunks: list[Chunk]
+    chunks: list[Chunk]  # scrollback is appended, not state: kept whole for a resend
     min_seq: int
     sent_at: float
-    sessions: list[UUID] = field(default_factory=list)
 
 
 class PersistenceManager:
@@ -195,6 +200,7 @@ class PersistenceManager:
         self._redis_ok_at = 0.0
         self._queue_depth = 0
         self._route_checked_at = 0.0
+        self._polled_at = -_IDLE_POLL_EVERY
         self._unroutable_since: dict[UUID, float] = {}
         self._stats_published_at = 0.0
         self._cycle_failures = 0
@@ -422,8 +428,14 @@ class PersistenceManager:
                 extra={"failures": self._cycle_failures},
             )
 
+    def _poll_due(self) -> bool:
+        """Something to learn from Redis: batches in flight, state to send, a flush waiting; else idle."""
+        if self._inflight or self._waiters or self.buffer.has_dirty():
+            return True
+        return time.monotonic() - self._polled_at >= _IDLE_POLL_EVERY
+
     def _cycle(self) -> None:
-        if self._redis_breaker.allow():
+        if self._poll_due() and self._redis_breaker.allow():
             try:
                 self._poll()
                 self._redis_ok_at = time.monotonic()
@@ -538,6 +550,8 @@ class PersistenceManager:
     def _enqueue(self, batches: list[EncodedBatch]) -> None:
         s = self.settings
         now = time.time()
+        # made before the round trip: the items themselves (records, JSON) are not kept in flight
+        receipts = [Receipt.of(batch.items) for batch in batches]
         with self._redis.pipeline(transaction=True) as pipe:
             for batch in batches:
                 job = self._queue.create_job(
@@ -560,21 +574,17 @@ class PersistenceManager:
                     pipe.expire(key, s.failed_ttl)
             pipe.execute()
         with self._state:
-            for batch in batches:
+            sent_at = time.monotonic()
+            for batch, receipt in zip(batches, receipts, strict=True):
                 self._inflight[batch.id] = _InFlight(
-                    batch.id,
-                    batch.items,
-                    batch.touches,
-                    batch.chunks,
-                    batch.min_seq,
-                    time.monotonic(),
-                    batch.sessions,
+                    batch.id, receipt, batch.touches, batch.chunks, batch.min_seq, sent_at
                 )
         self.counters["enqueued_jobs"] += len(batches)
         self.counters["enqueued_ops"] += sum(b.ops for b in batches)
 
     def _poll(self) -> None:
         """One round trip: the state of our oldest jobs, the queue depth, PostgreSQL's health."""
+        self._polled_at = time.monotonic()
         with self._state:
             jobs = list(self._inflight.values())[:_POLL_BATCH]
         with self._redis.pipeline(transaction=False) as pipe:
@@ -597,7 +607,8 @@ class PersistenceManager:
     ) -> None:
         if status == JobStatus.FINISHED.value:
             self._forget(job)
-            self.buffer.confirm(job.items)
+            if job.receipt.deletes:
+                self.buffer.confirm_deletes(job.receipt.deletes)
             self.counters["committed_jobs"] += 1
             return
         if status in LIVE_STATUSES:
@@ -605,7 +616,7 @@ class PersistenceManager:
                 # the worker stopped heart-beating: do not rest on RQ's registry maintenance alone
                 self.counters["abandoned_jobs"] += 1
                 self._forget(job)
-                self.buffer.redirty(job.items, job.touches, job.chunks)
+                self.buffer.redirty_receipt(job.receipt, job.touches, job.chunks)
                 self._resync_log.note("abandoned by its worker", job.job_id)
             return
         self._forget(job)
@@ -620,7 +631,7 @@ class PersistenceManager:
             self.counters["vanished_jobs"] += 1
         else:
             self.counters["failed_jobs"] += 1
-        self.buffer.redirty(job.items, job.touches, job.chunks)
+        self.buffer.redirty_receipt(job.receipt, job.touches, job.chunks)
         self._resync_log.note("vanished from Redis" if status is None else f"ended {status}", job.job_id)
 
     def _abandoned(self, heartbeat: bytes) -> bool:

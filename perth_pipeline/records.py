@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from json.encoder import encode_basestring
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -26,11 +28,13 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
 )
 
 __all__ = [
     "FORMAT_VERSION",
+    "JSON_TEXTS",
     "SUPPORTED_FORMATS",
     "Batch",
     "HistoryAppend",
@@ -50,6 +54,7 @@ __all__ = [
     "TemplateRecord",
     "TemplateUpsert",
     "json_size",
+    "json_text",
 ]
 
 #: The batch format this version writes. Workers accept it and the one before.
@@ -79,25 +84,70 @@ def _no_nul(value: str | None) -> str | None:
     return value
 
 
-# made once: json.dumps with options builds a new encoder per call, and this runs per record
-_compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """Compact JSON (``separators=(",", ":")``, ``ensure_ascii=False``, ``allow_nan=False``), made once.
+
+    ``JSONEncoder.encode`` builds a new C encoder (and a circular-reference map) on every call,
+    which costs more than encoding a small dict; this runs per JSON field of every record, on
+    both sides of the queue. No circular-reference map: a cycle ends in ``RecursionError``,
+    which :func:`json_text` reports as not JSON.
+    """
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is not None:
+        try:
+            encoder = c_make_encoder(None, _not_json, encode_basestring, None, ":", ",", False, False, False)
+            encoder({}, 0)
+        except TypeError:  # another signature than CPython 3.11 to 3.13's
+            pass
+        else:
+            return lambda value: "".join(encoder(value, 0))
+    return json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
+_compact_json = _compact_encoder()
+
+
+def json_text(value: Any) -> str:
+    """``value`` as compact JSON; raises ``ValueError`` if it is not JSON or holds a NUL character."""
+    try:
+        text = _compact_json(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"is not JSON-serializable ({exc})") from None
+    if "\\u0000" in text:
+        raise ValueError("must not contain NUL characters (PostgreSQL JSONB refuses them)")
+    return text
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def json_size(value: Any) -> int:
     """The size in bytes of ``value`` as compact JSON; raises ``ValueError`` if it is not JSON."""
-    try:
-        text = _compact_json(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"is not JSON-serializable ({exc})") from None
-    if "\\u0000" in text:
-        raise ValueError("must not contain NUL characters (PostgreSQL JSONB refuses them)")
-    return len(text.encode("utf-8"))
+    return _utf8_size(json_text(value))
 
 
-def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
-    size = json_size(value)
+#: Validation context key (``validate_*(..., context={JSON_TEXTS: {}})``): a dict that the JSON
+#: fields' validators fill with ``id(value) -> (value, its compact JSON)``, so that a consumer that
+#: needs the text (the worker, for ``COPY``) does not encode the same value a second time. (The
+#: value is held with its text: its id cannot be reused by another object while the dict lives.)
+JSON_TEXTS = "json_texts"
+
+
+def _bounded_json(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    text = json_text(value)
+    size = _utf8_size(text)
     if size > MAX_JSON_BYTES:
         raise ValueError(f"is {size} bytes of JSON, over the limit of {MAX_JSON_BYTES}")
+    context = info.context
+    if context is not None:
+        texts = context.get(JSON_TEXTS)
+        if texts is not None:
+            texts[id(value)] = (value, text)
     return value
 
 

@@ -4,10 +4,12 @@ The batch is reduced (per key, the highest upsert and the highest delete),
 copied into temporary staging tables with ``COPY``, and merged with one
 statement per entity kind (``perth_pipeline/sql/apply.sql``). Before anything
 is written the transaction takes an advisory lock per session (and per
-template name) it touches, in sorted order: batches of one session are applied
-one at a time, so cascades and ancestor checks see a stable tree, and batches
-of different sessions never wait for each other. Deadlocks and serialization
-failures are retried.
+template name) it touches, in sorted order: exclusive where the batch deletes
+something, so that a cascade and the ancestor checks of a concurrent batch
+never miss each other; shared where it only upserts, so that batches of one
+session that only write rows apply in parallel (row locks, taken in key order,
+order their writes). Batches of different sessions never wait for each other.
+Deadlocks and serialization failures are retried.
 """
 
 from __future__ import annotations
@@ -101,18 +103,41 @@ class ApplyResult:
 
 @dataclass(slots=True)
 class _Reduced:
-    """The batch, one entry per key and operation kind (the highest version wins)."""
+    """The batch, one entry per key and operation kind (the highest version wins).
 
-    sessions: dict[UUID, SessionUpsert] = field(default_factory=dict)
-    touches: dict[UUID, SessionTouch] = field(default_factory=dict)
-    tabs: dict[UUID, TabUpsert] = field(default_factory=dict)
-    panes: dict[UUID, PaneUpsert] = field(default_factory=dict)
-    history: dict[tuple[UUID, int], HistoryAppend] = field(default_factory=dict)
-    deletes: dict[UUID, tuple[str, int]] = field(default_factory=dict)
+    Keyed by ``UUID.int``: hashing and ordering a UUID run Python code, an int's run in C (and
+    ascending ints are ascending UUIDs, the order in which rows are copied and merged).
+    """
+
+    sessions: dict[int, SessionUpsert] = field(default_factory=dict)
+    touches: dict[int, SessionTouch] = field(default_factory=dict)
+    tabs: dict[int, TabUpsert] = field(default_factory=dict)
+    panes: dict[int, PaneUpsert] = field(default_factory=dict)
+    history: dict[tuple[int, int], HistoryAppend] = field(default_factory=dict)
+    deletes: dict[int, tuple[str, int, UUID]] = field(default_factory=dict)  # kind, version, id
     templates: dict[str, TemplateUpsert] = field(default_factory=dict)
     template_deletes: dict[str, int] = field(default_factory=dict)
-    lock_keys: set[int] = field(default_factory=set)
     session_ids: set[int] = field(default_factory=set)  # UUID.int of every session touched
+    deleting: set[int] = field(default_factory=set)  # UUID.int of the sessions this batch deletes in
+
+    def lock_keys(self) -> tuple[list[int], list[bool]]:
+        """The advisory-lock keys to take, ascending, and whether each is taken exclusively.
+
+        A batch that deletes anything in a session (or deletes a template) takes that key
+        exclusively; a batch that only upserts takes it shared, so that such batches of one
+        session apply in parallel (see ``lock_keys`` in apply.sql for why that is safe).
+        """
+        # a session's lock key is the first 8 bytes of its id: computed once per session, not per op
+        modes: dict[int, bool] = {}
+        for value in self.session_ids:
+            key = _signed64(value >> 64)
+            modes[key] = modes.get(key, False) or value in self.deleting
+        for name in self.templates:
+            modes.setdefault(lock_key(name), False)
+        for name in self.template_deletes:
+            modes[lock_key(name)] = True
+        keys = sorted(modes)
+        return keys, [modes[k] for k in keys]
 
 
 def _keep(target: dict[Any, Any], key: Any, op: Any) -> None:
@@ -121,50 +146,48 @@ def _keep(target: dict[Any, Any], key: Any, op: Any) -> None:
         target[key] = op
 
 
-def _keep_delete(target: dict[UUID, tuple[str, int]], key: UUID, kind: str, version: int) -> None:
-    current = target.get(key)
+def _keep_delete(r: _Reduced, key: UUID, kind: str, version: int, session: int) -> None:
+    current = r.deletes.get(key.int)
     if current is None or current[1] < version:
-        target[key] = (kind, version)
+        r.deletes[key.int] = (kind, version, key)
+    r.session_ids.add(session)
+    r.deleting.add(session)
 
 
 def reduce_batch(ops: Iterable[Any]) -> _Reduced:  # noqa: C901  (one branch per operation kind)
     r = _Reduced()
     sessions = r.session_ids
     for op in ops:
-        if isinstance(op, PaneUpsert):
-            _keep(r.panes, op.record.id, op)
+        kind = type(op)
+        if kind is PaneUpsert:
+            _keep(r.panes, op.record.id.int, op)
             sessions.add(op.session_id.int)
-        elif isinstance(op, HistoryAppend):
-            _keep(r.history, (op.pane_id, op.chunk_index), op)
+        elif kind is HistoryAppend:
+            _keep(r.history, (op.pane_id.int, op.chunk_index), op)
             sessions.add(op.session_id.int)
-        elif isinstance(op, TabUpsert):
-            _keep(r.tabs, op.record.id, op)
+        elif kind is TabUpsert:
+            _keep(r.tabs, op.record.id.int, op)
             sessions.add(op.record.session_id.int)
-        elif isinstance(op, SessionUpsert):
-            _keep(r.sessions, op.record.id, op)
+        elif kind is SessionUpsert:
+            _keep(r.sessions, op.record.id.int, op)
             sessions.add(op.record.id.int)
-        elif isinstance(op, SessionTouch):
-            _keep(r.touches, op.id, op)
+        elif kind is SessionTouch:
+            _keep(r.touches, op.id.int, op)
             sessions.add(op.id.int)
-        elif isinstance(op, SessionDelete):
-            _keep_delete(r.deletes, op.id, "session", op.version)
-            sessions.add(op.id.int)
-        elif isinstance(op, TabDelete):
-            _keep_delete(r.deletes, op.id, "tab", op.version)
-            sessions.add(op.session_id.int)
-        elif isinstance(op, PaneDelete):
-            _keep_delete(r.deletes, op.id, "pane", op.version)
-            sessions.add(op.session_id.int)
-        elif isinstance(op, TemplateUpsert):
+        elif kind is SessionDelete:
+            _keep_delete(r, op.id, "session", op.version, op.id.int)
+        elif kind is TabDelete:
+            _keep_delete(r, op.id, "tab", op.version, op.session_id.int)
+        elif kind is PaneDelete:
+            _keep_delete(r, op.id, "pane", op.version, op.session_id.int)
+        elif kind is TemplateUpsert:
             _keep(r.templates, op.record.name, op)
-            r.lock_keys.add(lock_key(op.record.name))
-        elif isinstance(op, TemplateDelete):
+        elif kind is TemplateDelete:
             current = r.template_deletes.get(op.name)
             if current is None or current < op.version:
                 r.template_deletes[op.name] = op.version
-            r.lock_keys.add(lock_key(op.name))
-    # a session's lock key is the first 8 bytes of its id: computed once per session, not per op
-    r.lock_keys.update(_signed64(value >> 64) for value in sessions)
+        else:
+            raise TypeError(f"not an operation: {kind.__name__}")
     return r
 
 
@@ -178,16 +201,25 @@ class Applier:
     def __init__(self, *, history_retention_bytes: int = 0) -> None:
         self.history_retention_bytes = history_retention_bytes
         self._q = load_queries("apply.sql")
+        self._sql = {name: text.encode() for name, text in self._q.items()}
         # the connection the staging tables were created on; held (not its id(), which a new
         # connection may reuse after the old one is freed) so a reconnect always creates them again
         self._staged: psycopg.Connection[Any] | None = None
         self._stage_rows: dict[str, int] = {}  # staging table -> rows copied since its last truncation
-        self._filled: set[str] = set()  # staging tables the current transaction copied into
 
     def apply(
-        self, conn: psycopg.Connection[Any], batch: Batch, ops: Sequence[Any] | None = None
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        ops: Sequence[Any] | None = None,
+        *,
+        json_texts: dict[int, tuple[Any, str]] | None = None,
     ) -> ApplyResult:
-        """Apply ``ops`` (default: all of ``batch.ops``) in one transaction; retried on deadlock."""
+        """Apply ``ops`` (default: all of ``batch.ops``) in one transaction; retried on deadlock.
+
+        ``json_texts``: the compact JSON of JSON fields already encoded by validation
+        (``perth_pipeline.records.JSON_TEXTS``), copied as they are.
+        """
         started = time.perf_counter()
         operations = batch.ops if ops is None else ops
         reduced = reduce_batch(operations)
@@ -195,9 +227,11 @@ class Applier:
         # valid ones of a batch rebuilt from them)
         sessions = len(reduced.session_ids) if len(operations) == len(batch.ops) else len(batch.session_ids())
         result = ApplyResult(ops=len(operations), sessions=sessions)
+        # rows are built once, outside the transaction: a retry after a deadlock copies them again
+        staged = _stage(reduced, batch.origin, json_texts or {})
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                result.rows = self._apply_once(conn, reduced, batch.origin)
+                result.rows = self._apply_once(conn, reduced, staged)
                 result.attempts = attempt
                 break
             except _RETRYABLE as exc:
@@ -212,7 +246,7 @@ class Applier:
         # temporary tables live as long as the connection: create them once per connection
         if conn is not self._staged or conn.closed:
             with conn.transaction():
-                conn.execute(self._q["create_stage"].encode())
+                conn.execute(self._sql["create_stage"])
             self._staged = conn
             self._stage_rows = {}
         full = sorted(table for table, n in self._stage_rows.items() if n >= _RESTAGE_ROWS)
@@ -226,132 +260,179 @@ class Applier:
     def _stage_statement(self, name: str, table: str) -> sql.Composed:
         return sql.SQL(self._q[name]).format(table=sql.Identifier(table))
 
-    def _apply_once(self, conn: psycopg.Connection[Any], r: _Reduced, origin: str) -> dict[str, int]:
+    def _apply_once(
+        self, conn: psycopg.Connection[Any], r: _Reduced, staged: dict[str, list[Sequence[Any]]]
+    ) -> dict[str, int]:
         self._ensure_stage(conn)
         rows: dict[str, int] = {}
-        self._filled = set()
+        keys, exclusive = r.lock_keys()
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(self._q["lock_keys"], {"keys": sorted(r.lock_keys)})
+            cur.execute(self._sql["lock_keys"], {"keys": keys, "exclusive": exclusive})
+            for name, data in staged.items():
+                self._copy(cur, name, data)
             # deletes first: a re-creation in the same batch must not escape its own cascade
             if r.deletes:
-                self._apply_deletes(cur, rows, r, origin)
-            self._apply_upserts(cur, rows, r, origin)
+                self._apply_deletes(cur, rows, r)
+            self._apply_upserts(cur, rows, r)
             if r.template_deletes or r.templates:
-                self._apply_templates(cur, rows, r, origin)
+                self._apply_templates(cur, rows, r)
             # the staging tables leave the transaction as empty as they entered it
-            for table in sorted(self._filled):
-                cur.execute(self._stage_statement("clear_stage", table))
+            for name in sorted(staged):
+                cur.execute(self._stage_statement("clear_stage", _STAGES[name]))
         return rows
 
-    def _apply_deletes(
-        self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced, origin: str
-    ) -> None:
-        self._copy(
-            cur,
-            "copy_deletes",
-            ((kind, key, v, origin) for key, (kind, v) in sorted(r.deletes.items(), key=_first_uuid)),
-        )
+    def _apply_deletes(self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced) -> None:
         self._run(cur, rows, "tombstones", "upsert_tombstones")
-        kinds = {kind for kind, _ in r.deletes.values()}
+        kinds = {kind for kind, _, _ in r.deletes.values()}
         for kind, statements in _CASCADES:
             if kind in kinds:
                 for name in statements:
                     self._run(cur, rows, "deleted", name)
 
-    def _apply_upserts(
-        self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced, origin: str
-    ) -> None:
+    def _apply_upserts(self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced) -> None:
         if r.sessions:
-            self._copy(cur, "copy_sessions", _session_rows(r.sessions, origin))
             self._run(cur, rows, "sessions", "upsert_sessions")
         if r.touches:
-            touches = sorted(r.touches.items(), key=_first_uuid)
-            self._copy(cur, "copy_touches", ((k, t.last_active) for k, t in touches))
             self._run(cur, rows, "sessions", "apply_touches")
         if r.tabs:
-            self._copy(cur, "copy_tabs", _tab_rows(r.tabs, origin))
             self._run(cur, rows, "tabs", "upsert_tabs")
         if r.panes:
-            self._copy(cur, "copy_panes", _pane_rows(r.panes, origin))
             self._run(cur, rows, "panes", "upsert_panes")
         if r.history:
-            self._copy(cur, "copy_history", _history_rows(r.history, origin))
             self._run(cur, rows, "history", "upsert_history")
             if self.history_retention_bytes > 0:
-                cur.execute(self._q["retain_history"], {"keep": self.history_retention_bytes})
+                cur.execute(self._sql["retain_history"], {"keep": self.history_retention_bytes})
                 rows["history_retained_out"] = max(cur.rowcount, 0)
 
-    def _apply_templates(
-        self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced, origin: str
-    ) -> None:
+    def _apply_templates(self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced) -> None:
         if r.template_deletes:
-            deletes = ((name, v, origin) for name, v in sorted(r.template_deletes.items()))
-            self._copy(cur, "copy_template_deletes", deletes)
             self._run(cur, rows, "tombstones", "upsert_template_tombstones")
             self._run(cur, rows, "deleted", "delete_templates")
         if r.templates:
-            self._copy(cur, "copy_templates", _template_rows(r.templates, origin))
             self._run(cur, rows, "templates", "upsert_templates")
 
-    def _copy(self, cur: psycopg.Cursor[Any], name: str, rows: Iterable[Sequence[Any]]) -> None:
-        table = "stage_" + name.removeprefix("copy_")
-        self._filled.add(table)
-        count = 0
-        with cur.copy(self._q[name]) as copy:
+    def _copy(self, cur: psycopg.Cursor[Any], name: str, rows: list[Sequence[Any]]) -> None:
+        table = _STAGES[name]
+        # counted whether or not the transaction commits: rolled-back rows stay on the table's pages too
+        self._stage_rows[table] = self._stage_rows.get(table, 0) + len(rows)
+        with cur.copy(self._sql[name]) as copy:
+            copy.set_types(_COPY_TYPES[name])
+            write = copy.write_row
             for row in rows:
-                copy.write_row(row)
-                count += 1
-        self._stage_rows[table] = self._stage_rows.get(table, 0) + count
+                write(row)
 
     def _run(self, cur: psycopg.Cursor[Any], rows: dict[str, int], label: str, name: str) -> None:
-        cur.execute(self._q[name].encode())
+        cur.execute(self._sql[name])
         rows[label] = rows.get(label, 0) + max(cur.rowcount, 0)
 
 
-def _uuid_order(key: UUID) -> int:
-    # UUID.__lt__ compares .int in Python; sorting by .int gives the same order, compared in C
-    return key.int
+#: The column types of each COPY (binary format: psycopg sends each value as its column's type),
+#: in the order of the statement's column list and of the rows built below.
+_COPY_TYPES: dict[str, tuple[str, ...]] = {
+    "copy_deletes": ("text", "uuid", "int8", "text"),
+    "copy_sessions": ("uuid", "text", "text", "timestamptz", "timestamptz", "int8", "text"),
+    "copy_touches": ("uuid", "timestamptz"),
+    "copy_tabs": ("uuid", "uuid", "int4", "text", "text", "int8", "text"),
+    "copy_panes": ("uuid", "uuid", "text", "text", "text", "text", "text", "text", "uuid", "int8", "text"),
+    "copy_history": ("uuid", "int4", "bytea", "text", "int4", "uuid", "uuid", "int8", "text"),
+    "copy_template_deletes": ("text", "int8", "text"),
+    "copy_templates": ("text", "uuid", "text", "int8", "text"),
+}
+
+#: The staging table each COPY fills.
+_STAGES = {
+    "copy_deletes": "stage_deletes",
+    "copy_sessions": "stage_sessions",
+    "copy_touches": "stage_touches",
+    "copy_tabs": "stage_tabs",
+    "copy_panes": "stage_panes",
+    "copy_history": "stage_history",
+    "copy_template_deletes": "stage_template_deletes",
+    "copy_templates": "stage_templates",
+}
 
 
-def _first_uuid(item: tuple[UUID, Any]) -> int:
-    return item[0].int
+def _stage(r: _Reduced, origin: str, texts: dict[int, tuple[Any, str]]) -> dict[str, list[Sequence[Any]]]:
+    """The rows to copy into each staging table, in key order: only the kinds the batch has."""
+    staged: dict[str, list[Sequence[Any]]] = {}
+    if r.deletes:
+        staged["copy_deletes"] = [(kind, key, v, origin) for kind, v, key in _in_order(r.deletes)]
+    if r.sessions:
+        staged["copy_sessions"] = _session_rows(r.sessions, origin)
+    if r.touches:
+        staged["copy_touches"] = [(t.id, t.last_active) for t in _in_order(r.touches)]
+    if r.tabs:
+        staged["copy_tabs"] = _tab_rows(r.tabs, origin, texts)
+    if r.panes:
+        staged["copy_panes"] = _pane_rows(r.panes, origin, texts)
+    if r.history:
+        staged["copy_history"] = _history_rows(r.history, origin)
+    if r.template_deletes:
+        deletes = sorted(r.template_deletes.items())
+        staged["copy_template_deletes"] = [(name, v, origin) for name, v in deletes]
+    if r.templates:
+        staged["copy_templates"] = _template_rows(r.templates, origin, texts)
+    return staged
 
 
-def _session_rows(ops: dict[UUID, SessionUpsert], origin: str) -> Iterable[Sequence[Any]]:
-    for key in sorted(ops, key=_uuid_order):
-        r = ops[key].record
-        yield (r.id, r.name, r.template_name, r.created_at, r.last_active, ops[key].version, origin)
+def _in_order(ops: dict[Any, Any]) -> list[Any]:
+    return [ops[key] for key in sorted(ops)]
 
 
-def _tab_rows(ops: dict[UUID, TabUpsert], origin: str) -> Iterable[Sequence[Any]]:
-    for key in sorted(ops, key=_uuid_order):
-        r = ops[key].record
-        yield (r.id, r.session_id, r.position, r.name, _dumps(r.layout_blob), ops[key].version, origin)
+def _json(value: dict[str, Any], texts: dict[int, tuple[Any, str]]) -> str:
+    """The compact JSON of ``value``: as validation encoded it, else encoded here."""
+    known = texts.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
+    return _dumps(value)
 
 
-def _pane_rows(ops: dict[UUID, PaneUpsert], origin: str) -> Iterable[Sequence[Any]]:
-    for key in sorted(ops, key=_uuid_order):
-        op = ops[key]
+def _session_rows(ops: dict[int, SessionUpsert], origin: str) -> list[Sequence[Any]]:
+    rows: list[Sequence[Any]] = []
+    for op in _in_order(ops):
         r = op.record
-        yield (
-            r.id,
-            r.tab_id,
-            r.pane_id,
-            r.pane_type,
-            _dumps(r.component_state),
-            r.title,
-            r.cwd,
-            r.command,
-            op.session_id,
-            op.version,
-            origin,
+        rows.append((r.id, r.name, r.template_name, r.created_at, r.last_active, op.version, origin))
+    return rows
+
+
+def _tab_rows(
+    ops: dict[int, TabUpsert], origin: str, texts: dict[int, tuple[Any, str]]
+) -> list[Sequence[Any]]:
+    rows: list[Sequence[Any]] = []
+    for op in _in_order(ops):
+        r = op.record
+        rows.append((r.id, r.session_id, r.position, r.name, _json(r.layout_blob, texts), op.version, origin))
+    return rows
+
+
+def _pane_rows(
+    ops: dict[int, PaneUpsert], origin: str, texts: dict[int, tuple[Any, str]]
+) -> list[Sequence[Any]]:
+    rows: list[Sequence[Any]] = []
+    append = rows.append
+    for op in _in_order(ops):
+        r = op.record
+        append(
+            (
+                r.id,
+                r.tab_id,
+                r.pane_id,
+                r.pane_type,
+                _json(r.component_state, texts),
+                r.title,
+                r.cwd,
+                r.command,
+                op.session_id,
+                op.version,
+                origin,
+            )
         )
+    return rows
 
 
-def _history_rows(ops: dict[tuple[UUID, int], HistoryAppend], origin: str) -> Iterable[Sequence[Any]]:
-    for key in sorted(ops, key=lambda k: (k[0].int, k[1])):
-        op = ops[key]
-        yield (
+def _history_rows(ops: dict[tuple[int, int], HistoryAppend], origin: str) -> list[Sequence[Any]]:
+    return [
+        (
             op.pane_id,
             op.chunk_index,
             op.content,
@@ -362,9 +443,15 @@ def _history_rows(ops: dict[tuple[UUID, int], HistoryAppend], origin: str) -> It
             op.version,
             origin,
         )
+        for op in _in_order(ops)
+    ]
 
 
-def _template_rows(ops: dict[str, TemplateUpsert], origin: str) -> Iterable[Sequence[Any]]:
-    for key in sorted(ops):
-        r = ops[key].record
-        yield (r.name, r.id, _dumps(r.definition), ops[key].version, origin)
+def _template_rows(
+    ops: dict[str, TemplateUpsert], origin: str, texts: dict[int, tuple[Any, str]]
+) -> list[Sequence[Any]]:
+    rows: list[Sequence[Any]] = []
+    for op in _in_order(ops):
+        r = op.record
+        rows.append((r.name, r.id, _json(r.definition, texts), op.version, origin))
+    return rows

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -47,6 +47,7 @@ from perth_pipeline.settings import Settings
 from . import maintenance, metrics
 from .applier import ApplyResult
 from .context import JobContext
+from .serializer import ParsedBatch
 
 __all__ = ["ALLOWED", "PoisonBatch", "TransientFailure", "apply_batch", "bind", "parse_batch"]
 
@@ -152,13 +153,22 @@ def _refuse(reason: str) -> PoisonBatch:
 
 
 def apply_batch(payload: Any) -> dict[str, Any]:
-    """Apply one batch in one transaction. The only job producers send."""
-    try:
-        batch, ops, rejected = parse_batch(payload)
-    except PoisonBatch as exc:
-        raise _refuse(str(exc)) from None
+    """Apply one batch in one transaction. The only job producers send.
+
+    ``payload`` is the batch as JSON, or (from a worker's :class:`JobSerializer`) a batch that
+    was validated whole while its job data was read.
+    """
+    json_texts: dict[int, tuple[Any, str]] | None = None
+    if isinstance(payload, ParsedBatch):
+        batch, ops, json_texts = payload.batch, payload.batch.ops, payload.json_texts
+        rejected: list[str] = []
+    else:
+        try:
+            batch, ops, rejected = parse_batch(payload)
+        except PoisonBatch as exc:
+            raise _refuse(str(exc)) from None
     context = _current_context()
-    result = _apply(context, batch, ops)
+    result = _apply(context, batch, ops, json_texts)
     context.database_ok()
     _settle_outstanding(context, batch)
     metrics.record_batch(result)
@@ -179,11 +189,13 @@ def apply_batch(payload: Any) -> dict[str, Any]:
     return result.as_dict()
 
 
-def _apply(context: JobContext, batch: Batch, ops: list[Any]) -> ApplyResult:
+def _apply(
+    context: JobContext, batch: Batch, ops: Sequence[Any], json_texts: dict[int, tuple[Any, str]] | None
+) -> ApplyResult:
     """Apply on the process's connection; classify what went wrong (see the module's docstring)."""
     for attempt in (1, 2):
         try:
-            return context.applier.apply(context.connection(), batch, ops)
+            return context.applier.apply(context.connection(), batch, ops, json_texts=json_texts)
         except DatabaseUnavailable as exc:  # could not (re)connect
             context.database_failed(exc)
             raise TransientFailure(str(exc)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -56,6 +57,27 @@ def _forked_children_die_with_this_process() -> None:
     _registered.add(os.getpid())
 
 
+#: Allocations (of container objects) between two young-generation collections in a worker process.
+GC_YOUNG_THRESHOLD = 100_000
+
+
+def _tune_gc() -> None:
+    """Collect garbage far less often: a worker allocates in bursts that it frees in one go.
+
+    A batch of 1,000 operations is about 20,000 objects (models, dicts, UUIDs, rows) that live
+    until the batch is applied, then go at once by reference counting (they hold no cycles).
+    With CPython's default threshold (700) they are traversed by a young collection every 700
+    allocations, survive, are promoted, and soon make a full collection walk the whole heap: a
+    tenth to a quarter of a worker's CPU, measured. A young collection every 100,000 allocations,
+    and the start-up objects (modules, classes) frozen out of the full collections, leave cycles
+    (exceptions, RQ's own) collected all the same, a little later.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool = True) -> bool:
     """Run one worker in this process until it is stopped (or, with ``burst``, the queue is empty)."""
     if not settings.redis_url or not settings.database_url:
@@ -65,6 +87,7 @@ def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool 
     queue = make_queue(settings.queue, connection, job_class=PerthJob)
     worker = PerthWorker([queue], settings=settings, connection=connection)
     _forked_children_die_with_this_process()
+    _tune_gc()
     # RQ's own per-job lines are replaced by one structured line per batch (workers.jobs)
     return bool(worker.work(burst=burst, with_scheduler=with_scheduler, logging_level="WARNING"))
 

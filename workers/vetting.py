@@ -38,15 +38,21 @@ def short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _size_over(data: bytes, limit: int) -> int | None:
-    """The size of ``data`` once decompressed if it is over ``limit`` (a lower bound), else None."""
+def _read(data: bytes, limit: int) -> tuple[bytes | None, int | None]:
+    """``data`` as RQ reads it (decompressed if it is zlib, else as it is), or ``(None, size)``
+    with a lower bound of its size when that is over ``limit``: never more than ``limit`` is inflated."""
     if len(data) > limit:
-        return len(data)
+        return None, len(data)
+    inflate = zlib.decompressobj()
     try:
-        out = zlib.decompressobj().decompress(data, limit + 1)
+        out = inflate.decompress(data, limit + 1)
     except zlib.error:
-        return None  # stored uncompressed, and within the limit
-    return len(out) if len(out) > limit else None
+        return data, None  # stored uncompressed (RQ falls back to the data as it is, too)
+    if len(out) > limit:
+        return None, len(out)
+    if not inflate.eof:
+        return data, None  # a truncated stream: RQ's zlib.decompress fails and it reads the data as it is
+    return out, None
 
 
 class PerthJob(PackedJob):
@@ -55,19 +61,19 @@ class PerthJob(PackedJob):
     _oversize: int | None = None
 
     def restore(self, raw_data: Any) -> None:
-        # RQ decompresses job data without a bound: a small zlib bomb would take the worker down
+        # RQ decompresses job data without a bound: a small zlib bomb would take the worker down.
+        # The data is decompressed here, once and bounded; RQ is handed a placeholder to restore.
         self._oversize = None
         key: Any = b"data" if b"data" in raw_data else "data"
         data = raw_data.get(key)
-        if isinstance(data, bytes):
-            size = _size_over(data, MAX_JOB_BYTES)
-            if size is not None:
-                self._oversize = size
-                raw_data = {**raw_data, key: _PLACEHOLDER}
-        super().restore(raw_data)
-        if isinstance(data, bytes) and self._oversize is None:
+        if not isinstance(data, bytes):
+            super().restore(raw_data)
+            return
+        plain, self._oversize = _read(data, MAX_JOB_BYTES)
+        super().restore({**raw_data, key: _PLACEHOLDER})
+        if plain is not None:
             # saving the job again (at its end) stores the data as it came, not compressed anew
-            self.use_packed(self.data, data)
+            self.use_packed(plain, data)
 
     @property
     def func_name(self) -> str | None:

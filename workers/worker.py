@@ -34,7 +34,6 @@ import redis
 from rq import SimpleWorker
 from rq.job import Job
 from rq.registry import clean_registries
-from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
@@ -43,6 +42,7 @@ from perth_pipeline.settings import Settings
 
 from . import jobs, metrics, registries
 from .context import JobContext
+from .serializer import JobSerializer
 from .vetting import MAX_JOB_BYTES, PerthJob, UnknownJobFunction, short
 
 __all__ = ["MAX_JOB_BYTES", "PerthJob", "PerthWorker", "UnknownJobFunction"]
@@ -59,7 +59,7 @@ class PerthWorker(SimpleWorker):
             queues,
             name=name,
             connection=connection,
-            serializer=JSONSerializer,
+            serializer=JobSerializer,
             job_class=PerthJob,
             maintenance_interval=settings.maintenance_interval,
             worker_ttl=20,

@@ -7,6 +7,9 @@
 -- higher, and a write below its own tombstone or an ancestor's is dead.
 
 -- name: create_stage
+-- The applier copies rows in COPY's binary format (no text to escape on the client, no text to
+-- parse on the server); the types the applier sends are the columns' (workers.applier._COPY_TYPES).
+-- JSON is staged as the text the worker encoded and becomes jsonb in the merge, as it is stored.
 -- No ON COMMIT DELETE ROWS: PostgreSQL would truncate every such table, with its TOAST table and
 -- index, at each commit (a file truncation each: 20 to 80 ms a batch on a disk mounted with
 -- discard). The applier empties the tables it filled at the end of the same transaction
@@ -17,10 +20,10 @@ CREATE TEMP TABLE IF NOT EXISTS stage_sessions (
 );
 CREATE TEMP TABLE IF NOT EXISTS stage_touches (id uuid, last_active timestamptz);
 CREATE TEMP TABLE IF NOT EXISTS stage_tabs (
-    id uuid, session_id uuid, position integer, name text, layout_blob jsonb, version bigint, origin text
+    id uuid, session_id uuid, position integer, name text, layout_blob text, version bigint, origin text
 );
 CREATE TEMP TABLE IF NOT EXISTS stage_panes (
-    id uuid, tab_id uuid, pane_id text, pane_type text, component_state jsonb, title text, cwd text,
+    id uuid, tab_id uuid, pane_id text, pane_type text, component_state text, title text, cwd text,
     command text, session_id uuid, version bigint, origin text
 );
 CREATE TEMP TABLE IF NOT EXISTS stage_history (
@@ -31,14 +34,13 @@ CREATE TEMP TABLE IF NOT EXISTS stage_deletes (
     kind text, id uuid, version bigint, origin text
 );
 CREATE TEMP TABLE IF NOT EXISTS stage_templates (
-    name text, id uuid, definition jsonb, version bigint, origin text
+    name text, id uuid, definition text, version bigint, origin text
 );
 CREATE TEMP TABLE IF NOT EXISTS stage_template_deletes (
     name text, version bigint, origin text
 );
--- A value compressed while staged would be copied as it is, with the server's default method
--- (pglz), past the lz4 that schema.sql sets on the JSONB columns: stage values uncompressed.
--- (Scrollback arrives zstd-compressed from the producer: compressing it again is wasted work.)
+-- Staged values are read once: compressing them (pglz, the server's default) is wasted work.
+-- (Scrollback arrives zstd-compressed from the producer: compressing it again is wasted twice.)
 ALTER TABLE stage_tabs ALTER COLUMN layout_blob SET STORAGE EXTERNAL;
 ALTER TABLE stage_panes ALTER COLUMN component_state SET STORAGE EXTERNAL;
 ALTER TABLE stage_templates ALTER COLUMN definition SET STORAGE EXTERNAL;
@@ -52,33 +54,53 @@ TRUNCATE {table}
 
 -- name: lock_keys
 -- One advisory lock per session (and per template name) the batch touches, taken in the
--- sorted order of the array: everything under one session is applied by one transaction at
--- a time, so parent checks and cascades see a stable tree and never deadlock.
-SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%(keys)s::bigint[]) WITH ORDINALITY AS u(k, n);
+-- ascending order of the array, so that two batches never wait for each other's keys in a
+-- cycle. A batch that deletes anything in a session (or deletes a template) takes the key
+-- exclusively; one that only upserts takes it shared. perth_pipeline/sql/retention.sql takes
+-- the same keys exclusively.
+--
+-- Why upserts can share: the exclusive lock is there for deletes. A cascade (delete the tab's
+-- panes written below the delete) cannot see a pane that a concurrent transaction is inserting,
+-- and that transaction's tombstone check cannot see the delete's uncommitted tombstone: run
+-- together, both would commit and leave a pane below its tab's tombstone. Exclusive against
+-- shared, one of them waits for the other to commit, and its next statement (a new snapshot,
+-- READ COMMITTED) sees what the other wrote. Two batches that only upsert need no such
+-- ordering: no tombstone changes under them, each merge is "write if (version, origin) is
+-- higher" and ON CONFLICT DO UPDATE re-checks that against the latest committed row after
+-- waiting for its row lock (last_active and touches are max registers, likewise re-checked),
+-- so any interleaving gives the rows of either order. Rows are merged in key order, kind by
+-- kind, so that they take their row locks in one order; a deadlock left (an index page, a
+-- retention delete) is retried by the applier. Scrollback retention (retain_history) of two
+-- concurrent batches of one pane sees less than one after the other would: it may keep an old
+-- chunk until the pane's next append, never delete one that the serial order would keep.
+SELECT count(CASE WHEN u.exclusive THEN pg_advisory_xact_lock(u.k) ELSE pg_advisory_xact_lock_shared(u.k) END)
+FROM unnest(%(keys)s::bigint[], %(exclusive)s::boolean[]) WITH ORDINALITY AS u(k, exclusive, n);
 
 -- name: copy_sessions
-COPY stage_sessions (id, name, template_name, created_at, last_active, version, origin) FROM STDIN
+COPY stage_sessions (id, name, template_name, created_at, last_active, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: copy_touches
-COPY stage_touches (id, last_active) FROM STDIN
+COPY stage_touches (id, last_active) FROM STDIN (FORMAT BINARY)
 
 -- name: copy_tabs
-COPY stage_tabs (id, session_id, position, name, layout_blob, version, origin) FROM STDIN
+COPY stage_tabs (id, session_id, position, name, layout_blob, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: copy_panes
-COPY stage_panes (id, tab_id, pane_id, pane_type, component_state, title, cwd, command, session_id, version, origin) FROM STDIN
+COPY stage_panes (id, tab_id, pane_id, pane_type, component_state, title, cwd, command, session_id, version, origin)
+FROM STDIN (FORMAT BINARY)
 
 -- name: copy_history
-COPY stage_history (pane_id, chunk_index, content, encoding, raw_size, tab_id, session_id, version, origin) FROM STDIN
+COPY stage_history (pane_id, chunk_index, content, encoding, raw_size, tab_id, session_id, version, origin)
+FROM STDIN (FORMAT BINARY)
 
 -- name: copy_deletes
-COPY stage_deletes (kind, id, version, origin) FROM STDIN
+COPY stage_deletes (kind, id, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: copy_templates
-COPY stage_templates (name, id, definition, version, origin) FROM STDIN
+COPY stage_templates (name, id, definition, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: copy_template_deletes
-COPY stage_template_deletes (name, version, origin) FROM STDIN
+COPY stage_template_deletes (name, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: upsert_tombstones
 INSERT INTO tombstones AS t (id, kind, version, origin)
@@ -157,7 +179,7 @@ WHERE x.id = s.id AND x.last_active < s.last_active;
 
 -- name: upsert_tabs
 INSERT INTO tabs AS x (id, session_id, position, name, layout_blob, version, origin)
-SELECT s.id, s.session_id, s.position, s.name, s.layout_blob, s.version, s.origin
+SELECT s.id, s.session_id, s.position, s.name, s.layout_blob::jsonb, s.version, s.origin
 FROM stage_tabs s
 WHERE NOT EXISTS (
     SELECT 1 FROM tombstones t
@@ -177,7 +199,7 @@ WHERE (x.version, x.origin) < (EXCLUDED.version, EXCLUDED.origin);
 -- name: upsert_panes
 INSERT INTO panes AS x (id, tab_id, pane_id, pane_type, component_state, title, cwd, command,
                         session_id, version, origin)
-SELECT s.id, s.tab_id, s.pane_id, s.pane_type, s.component_state, s.title, s.cwd, s.command,
+SELECT s.id, s.tab_id, s.pane_id, s.pane_type, s.component_state::jsonb, s.title, s.cwd, s.command,
        s.session_id, s.version, s.origin
 FROM stage_panes s
 WHERE NOT EXISTS (
@@ -250,7 +272,7 @@ WHERE x.name = d.name AND (x.version, x.origin) < (d.version, d.origin);
 
 -- name: upsert_templates
 INSERT INTO templates AS x (name, id, definition, version, origin)
-SELECT s.name, s.id, s.definition, s.version, s.origin
+SELECT s.name, s.id, s.definition::jsonb, s.version, s.origin
 FROM stage_templates s
 WHERE NOT EXISTS (
     SELECT 1 FROM template_tombstones t
