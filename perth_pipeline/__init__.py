@@ -7,7 +7,7 @@ processes (``workers``) apply them to PostgreSQL; reads restore a session.
 
 from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError, QueueUnavailable
 from .producer import PersistenceManager
-from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .records import PaneHistoryChunk, PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "PersistenceManager",
     "QueueUnavailable",
     "SessionRecord",
+    "SessionTree",
     "Settings",
     "TabRecord",
     "TemplateRecord",

@@ -45,7 +45,7 @@ from .buffer import (
     verify_template_name,
 )
 from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError
-from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .records import PaneHistoryChunk, PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
 from .store import Store
 
@@ -797,6 +797,29 @@ class PersistenceManager:
         record, version = found
         self.buffer.observe_version(version)
         return record
+
+    def restore_session_tree(
+        self, session_id: UUID | str, *, wait: float | None = None, with_history: bool = True
+    ) -> SessionTree:
+        """The session, its tabs, their panes and (unless told not to) their scrollback, at once.
+
+        What :meth:`restore_session`, :meth:`restore_tabs`, :meth:`restore_panes` of each tab and
+        :meth:`restore_pane_history` of each pane give, waiting once (bounded, as they do) for the
+        session's queued batches, then read in one snapshot of the database and a few round trips
+        instead of two or three per pane. ``NotFound`` if the session is absent or deleted.
+        """
+        sid = _uuid(session_id, "session_id")
+        self._wait_for_session(sid, wait)
+        found = self._reads().session_tree(sid, with_history=with_history)
+        if found is None:
+            raise NotFound(f"session {sid} is not stored (or was deleted)")
+        tree, version = found
+        self.buffer.observe_version(version)
+        self.buffer.learn_routes(
+            tabs={tab.id: sid for tab in tree.tabs},
+            panes={pane.id: (tab_id, sid) for tab_id, panes in tree.panes.items() for pane in panes},
+        )
+        return tree
 
     def restore_tabs(self, session_id: UUID | str, *, wait: float | None = None) -> list[TabRecord]:
         sid = _uuid(session_id, "session_id")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -46,6 +47,7 @@ __all__ = [
     "SessionDelete",
     "SessionRecord",
     "SessionTouch",
+    "SessionTree",
     "SessionUpsert",
     "TabDelete",
     "TabRecord",
@@ -225,6 +227,21 @@ class TemplateRecord(_Record):
 
     _check_text = field_validator("name")(_no_nul)
     _check_json = field_validator("definition")(_bounded_json)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTree:
+    """A stored session read whole, in one snapshot (:meth:`PersistenceManager.restore_session_tree`).
+
+    ``tabs`` in position order; ``panes`` maps each tab's id to its panes in ``pane_id`` order
+    (every tab has an entry); ``history`` maps a pane's id to its scrollback, for the panes
+    that have any, and is empty unless the history was asked for.
+    """
+
+    session: SessionRecord
+    tabs: list[TabRecord]
+    panes: dict[UUID, list[PaneRecord]]
+    history: dict[UUID, bytes] = field(default_factory=dict)
 
 
 # --- operations -----------------------------------------------------------------------------

@@ -15,18 +15,19 @@ def session_document(
 ) -> dict[str, Any]:
     """``{"session": {...}, "tabs": [{...tab fields..., "panes": [{...}]}]}`` (JSON-ready).
 
-    Waits (bounded) for the session's queued batches once, then reads. With
+    One read of the whole session (:meth:`PersistenceManager.restore_session_tree`): it waits
+    (bounded) for the session's queued batches once, then reads one snapshot. With
     ``with_history`` each pane also carries ``history`` (bytes, not JSON-ready).
     """
-    session = manager.restore_session(session_id, wait=wait)
-    document: dict[str, Any] = {"session": session.model_dump(mode="json"), "tabs": []}
-    for tab in manager.restore_tabs(session_id, wait=0):
+    tree = manager.restore_session_tree(session_id, wait=wait, with_history=with_history)
+    document: dict[str, Any] = {"session": tree.session.model_dump(mode="json"), "tabs": []}
+    for tab in tree.tabs:
         entry = tab.model_dump(mode="json")
         panes = []
-        for pane in manager.restore_panes(tab.id, wait=0):
+        for pane in tree.panes[tab.id]:
             pane_doc = pane.model_dump(mode="json")
             if with_history:
-                pane_doc["history"] = manager.restore_pane_history(pane.id, wait=0)
+                pane_doc["history"] = tree.history.get(pane.id, b"")
             panes.append(pane_doc)
         entry["panes"] = panes
         document["tabs"].append(entry)

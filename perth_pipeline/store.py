@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from .errors import DatabaseUnavailable, PersistenceError
 from .queries import load_queries, schema_sql
-from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import mask_url
 
 __all__ = ["Store", "connect", "wrap_errors"]
@@ -156,13 +156,50 @@ class Store:
         return out
 
     def history(self, pane_id: UUID) -> bytes:
-        parts = []
-        for row in self._all("pane_history", pane_id=pane_id):
-            content = bytes(row["content"])
-            if row["encoding"] == "zstd":
-                content = self._zstd.decompress(content, max_output_size=max(row["raw_size"], 1))
-            parts.append(content)
-        return b"".join(parts)
+        return b"".join(self._content(row) for row in self._all("pane_history", pane_id=pane_id))
+
+    def _content(self, row: dict[str, Any]) -> bytes:
+        content = bytes(row["content"])
+        if row["encoding"] == "zstd":
+            content = self._zstd.decompress(content, max_output_size=max(row["raw_size"], 1))
+        return content
+
+    def session_tree(self, session_id: UUID, *, with_history: bool) -> tuple[SessionTree, int] | None:
+        """The session, its tabs, their panes (and scrollback) in one snapshot; with the highest version.
+
+        One read-only REPEATABLE READ transaction, its statements pipelined: the rows are those
+        of the per-entity reads, as of one moment (a batch committed in between cannot show a
+        tab of the new state beside panes of the old one), in a few round trips instead of one
+        per tab and per pane.
+        """
+        queries = ["restore_session", "restore_tabs", "restore_panes_of_session"]
+        if with_history:
+            queries.append("history_of_session")
+        with self.connection() as conn, conn.transaction():
+            with conn.pipeline():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cursors = [conn.cursor(row_factory=dict_row) for _ in queries]
+                for cur, query in zip(cursors, queries, strict=True):
+                    cur.execute(self._q[query], {"id": session_id, "session_id": session_id})
+            session_rows, tab_rows, pane_rows, *history_rows = [cur.fetchall() for cur in cursors]
+        if not session_rows:
+            return None
+        version = session_rows[0].pop("version")
+        session = SessionRecord.model_validate(session_rows[0])
+        tabs: list[TabRecord] = []
+        panes: dict[UUID, list[PaneRecord]] = {}
+        for row in tab_rows:
+            version = max(version, row.pop("version"))
+            tabs.append(TabRecord.model_validate(row))
+            panes[tabs[-1].id] = []
+        for row in pane_rows:
+            version = max(version, row.pop("version"))
+            panes[row["tab_id"]].append(PaneRecord.model_validate(row))
+        parts: dict[UUID, list[bytes]] = {}
+        for row in history_rows[0] if history_rows else []:
+            parts.setdefault(row["pane_id"], []).append(self._content(row))
+        history = {pane_id: b"".join(chunks) for pane_id, chunks in parts.items()}
+        return SessionTree(session, tabs, panes, history), version
 
     def sessions(self, limit: int = 10_000) -> list[tuple[SessionRecord, int]]:
         out = []

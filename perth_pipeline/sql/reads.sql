@@ -18,12 +18,24 @@ FROM panes
 WHERE tab_id = %(tab_id)s
 ORDER BY pane_id, id;
 
+-- The whole session at once (Store.session_tree): the same rows as restore_tabs, restore_panes
+-- of each tab and pane_history of each of those panes, in one snapshot. A pane is reached through
+-- its tab, as restore_panes reaches it: one whose tab is not stored (yet) is not part of the tree.
+
 -- name: restore_panes_of_session
 SELECT p.id, p.tab_id, p.pane_id, p.pane_type, p.component_state, p.title, p.cwd, p.command, p.version
-FROM panes p
-JOIN tabs t ON t.id = p.tab_id
+FROM tabs t
+JOIN panes p ON p.tab_id = t.id
 WHERE t.session_id = %(session_id)s
 ORDER BY p.tab_id, p.pane_id, p.id;
+
+-- name: history_of_session
+SELECT h.pane_id, h.chunk_index, h.encoding, h.raw_size, h.content
+FROM tabs t
+JOIN panes p ON p.tab_id = t.id
+JOIN pane_history h ON h.pane_id = p.id
+WHERE t.session_id = %(session_id)s
+ORDER BY h.pane_id, h.chunk_index;
 
 -- name: pane_history
 SELECT chunk_index, encoding, raw_size, content

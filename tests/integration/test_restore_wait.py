@@ -52,14 +52,17 @@ def restarted(settings: Settings) -> tuple[PersistenceManager, CountingRedis]:
     return PersistenceManager(settings=settings, redis_client=client), client
 
 
-def test_a_restore_waits_for_the_batches_enqueued_before_the_restart(settings: Settings) -> None:
+@pytest.mark.parametrize("reader_method", ["restore_session", "restore_session_tree"])
+def test_a_restore_waits_for_the_batches_enqueued_before_the_restart(
+    settings: Settings, reader_method: str
+) -> None:
     s, t = written_and_closed(settings)
     second, client = restarted(settings)
     outcome: dict[str, Any] = {}
 
     def restore() -> None:
         try:
-            outcome["session"] = second.restore_session(s.id, wait=60)
+            outcome["session"] = getattr(second, reader_method)(s.id, wait=60)
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
         outcome["at"] = time.monotonic()
@@ -75,7 +78,11 @@ def test_a_restore_waits_for_the_batches_enqueued_before_the_restart(settings: S
         reader.join(timeout=30)
         assert not reader.is_alive()
         assert "error" not in outcome, outcome.get("error")
-        assert outcome["session"] == s  # not NotFound: the read waited for the batch
+        restored = outcome["session"]  # not NotFound: the read waited for the batch
+        if reader_method == "restore_session_tree":
+            assert restored.tabs == [t] and restored.panes == {t.id: []}
+            restored = restored.session
+        assert restored == s
         assert outcome["at"] >= applied_at - 1.0
         assert second.restore_tabs(s.id) == [t]
         assert not client.exists(Keys(settings.queue).outstanding(s.id))

@@ -79,6 +79,41 @@ def test_every_restore_gives_back_what_was_written(settings: Settings, stored: d
             manager.restore_session(uuid.uuid4())
 
 
+def test_the_whole_session_read_at_once_is_what_the_reads_one_by_one_give(
+    settings: Settings, stored: dict[str, Any]
+) -> None:
+    s, (t0, t1), panes = stored["session"], stored["tabs"], stored["panes"]
+    # a pane of the session applied before its tab (another worker holds the tab's batch)
+    orphan, missing_tab = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO panes (id, tab_id, pane_id, pane_type, session_id)"
+            " VALUES (%s, %s, 'terminal_9', 'terminal', %s)",
+            (orphan, missing_tab, s.id),
+        )
+        conn.execute(
+            "INSERT INTO pane_history (pane_id, chunk_index, content, tab_id, session_id)"
+            " VALUES (%s, 0, 'x', %s, %s)",
+            (orphan, missing_tab, s.id),
+        )
+    with PersistenceManager(settings=settings) as manager:
+        tree = manager.restore_session_tree(s.id)
+        assert tree.session == manager.restore_session(s.id) == s
+        assert tree.tabs == manager.restore_tabs(s.id) == [t0, t1]
+        assert tree.panes == {t0.id: manager.restore_panes(t0.id), t1.id: manager.restore_panes(t1.id)}
+        assert tree.panes[t0.id] == sorted(panes[:2], key=lambda p: p.pane_id)
+        assert tree.history == {panes[0].id: b"".join(stored["history"])}  # panes with none: absent
+        assert missing_tab not in tree.panes and orphan not in tree.history
+        without = manager.restore_session_tree(s.id, with_history=False)
+        assert without.history == {} and without.panes == tree.panes
+        with pytest.raises(NotFound):
+            manager.restore_session_tree(uuid.uuid4())
+        manager.delete_session(s.id)
+        settle(manager, settings)
+        with pytest.raises(NotFound):
+            manager.restore_session_tree(s.id)
+
+
 def test_deletes_remove_rows_and_their_descendants(settings: Settings, stored: dict[str, Any]) -> None:
     s, (t0, t1), panes = stored["session"], stored["tabs"], stored["panes"]
     with PersistenceManager(settings=settings) as manager:
