@@ -321,6 +321,9 @@ def describe(ops: int, sessions: list[UUID], chunks: int = 0) -> str:
     """What the dashboard shows for a batch: counts and ids only, never the user's data."""
     shown = ", ".join(str(s)[:8] for s in sessions[:3])
     more = f" +{len(sessions) - 3}" if len(sessions) > 3 else ""
-    history = f", {chunks} scrollback chunks" if chunks else ""
-    noun = "session" if len(sessions) == 1 else "sessions"
-    return f"apply_batch: {ops} ops{history} for {len(sessions)} {noun} [{shown}{more}]"
+    history = f", {_count(chunks, 'scrollback chunk')}" if chunks else ""
+    return f"apply_batch: {_count(ops, 'op')}{history} for {_count(len(sessions), 'session')} [{shown}{more}]"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -227,13 +227,13 @@ def test_jobs_show_their_size_and_sessions_and_a_failed_batch_shows_why(
     shown = " ".join(job["description"] for job in queued)
     for job in queued:
         assert job["description"].startswith("apply_batch: ")
-        assert " ops for " in job["description"] and "{" not in job["description"]  # no wall of JSON
+        assert " for " in job["description"] and "{" not in job["description"]  # no wall of JSON
     for session_id in stocked.queued_sessions:
         assert str(session_id)[:8] in shown
 
     [failed] = dashboard.get(f"/0/data/jobs/{QUEUE}/failed/8/asc/1.json")["jobs"]
     assert failed["id"] == FAILED_JOB
-    assert failed["description"] == f"apply_batch: 1 ops for 1 session [{str(FAILED_SESSION)[:8]}]"
+    assert failed["description"] == f"apply_batch: 1 op for 1 session [{str(FAILED_SESSION)[:8]}]"
     assert "PoisonBatch: batch format 999 is not supported" in failed["exc_info"]
 
     detail = dashboard.get(f"/0/data/job/{FAILED_JOB}.json")
@@ -380,7 +380,7 @@ def test_a_person_sees_the_queue_and_why_a_batch_failed(
     failed_page = f"{dashboard.url}/0/view/jobs/{QUEUE}/failed/8/asc/1"
     html = chromium(failed_page, "--dump-dom")
     [job] = rendered_rows(html, "job")
-    assert job["parts"]["description"] == f"apply_batch: 1 ops for 1 session [{str(FAILED_SESSION)[:8]}]"
+    assert job["parts"]["description"] == f"apply_batch: 1 op for 1 session [{str(FAILED_SESSION)[:8]}]"
     assert "batch format 999 is not supported" in job["parts"]["exc_info"]
     assert FAILED_JOB in job["cells"][0]
 
