@@ -19,7 +19,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
-from perth_pipeline.batch import JOB_FUNCTION, PackedJob, encode_batches
+from perth_pipeline.batch import JOB_FUNCTION, PackedJob, describe, encode_batches
 from perth_pipeline.broker import make_queue
 from perth_pipeline.buffer import PANE, SESSION, TAB, TEMPLATE, Buffer, Drained, Item
 from perth_pipeline.records import BATCH_ADAPTER
@@ -178,3 +178,14 @@ def test_a_packed_job_stores_the_data_compressed_once() -> None:
 
 def test_nothing_to_send_gives_no_batch() -> None:
     assert encode_batches(Drained(), origin="p1-test", max_ops=10, max_bytes=4096) == []
+
+
+def test_the_description_counts_in_words_and_shows_no_data() -> None:
+    one, two, three, four = (uuid.UUID(int=n << 96) for n in range(1, 5))
+    assert describe(1, [one]) == f"apply_batch: 1 op for 1 session [{str(one)[:8]}]"
+    assert describe(2, [one, two], chunks=1) == (
+        f"apply_batch: 2 ops, 1 scrollback chunk for 2 sessions [{str(one)[:8]}, {str(two)[:8]}]"
+    )
+    many = describe(900, [one, two, three, four], chunks=3)
+    assert many.startswith("apply_batch: 900 ops, 3 scrollback chunks for 4 sessions [")
+    assert many.endswith(" +1]") and str(four)[:8] not in many
