@@ -92,16 +92,32 @@ def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool 
     return bool(worker.work(burst=burst, with_scheduler=with_scheduler, logging_level="WARNING"))
 
 
+#: A child that ran at least this long before it died is restarted as if it had never failed.
+STABLE_AFTER = 60.0
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before a child is restarted after its ``failures``-th quick death in a row."""
+    return min(30.0, 0.5 * (1 << min(max(failures, 1), 6)))
+
+
 class Supervisor:
-    """N worker processes; a child that dies is restarted (with back-off); SIGTERM/SIGINT stop all."""
+    """N worker processes; a child that dies is restarted (with back-off); SIGTERM/SIGINT stop all.
+
+    Restarts are scheduled, never slept for: the loop keeps watching the other children and
+    answers a stop signal at once. The back-off grows with quick deaths in a row and starts
+    over once a child has run for :data:`STABLE_AFTER` seconds.
+    """
 
     def __init__(self, processes: int, *, burst: bool = False, env: dict[str, str] | None = None) -> None:
         self.processes = processes
         self.burst = burst
         self.env = env
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._started: dict[int, float] = {}
+        self._due: dict[int, float] = {}  # slot -> when its restart is due
         self._stopping = False
-        self._restarts: dict[int, int] = {}
+        self._restarts: dict[int, int] = {}  # slot -> quick deaths in a row
 
     def _spawn(self, slot: int) -> None:
         args = [sys.executable, "-m", "workers"]
@@ -109,6 +125,7 @@ class Supervisor:
             args.append("--burst")
         # a session (and process group) of its own: what a dead child leaves behind is reaped with it
         self._children[slot] = subprocess.Popen(args, env=self.env, start_new_session=True)
+        self._started[slot] = time.monotonic()
 
     @staticmethod
     def _reap_group(child: subprocess.Popen[bytes]) -> None:
@@ -117,6 +134,7 @@ class Supervisor:
             os.killpg(child.pid, signal.SIGKILL)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self._due.clear()
         if self._stopping:
             for child in self._children.values():
                 if child.poll() is None:
@@ -128,6 +146,23 @@ class Supervisor:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    def _exited(self, slot: int, code: int) -> None:
+        if self._stopping or (self.burst and code == 0):
+            return
+        now = time.monotonic()
+        if now - self._started.get(slot, now) >= STABLE_AFTER:
+            self._restarts[slot] = 0
+        failures = self._restarts.get(slot, 0) + 1
+        self._restarts[slot] = failures
+        delay = restart_delay(failures)
+        logger.warning(
+            "worker process exited with %s; restarting in %.1f s",
+            code,
+            delay,
+            extra={"slot": slot, "failures_in_a_row": failures},
+        )
+        self._due[slot] = now + delay
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -135,23 +170,18 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._stop)
         for slot in range(self.processes):
             self._spawn(slot)
-        while self._children:
+        while self._children or self._due:
             for slot, child in list(self._children.items()):
                 code = child.poll()
                 if code is None:
                     continue
                 del self._children[slot]
                 self._reap_group(child)
-                if self._stopping or (self.burst and code == 0):
-                    continue
-                restarts = self._restarts.get(slot, 0) + 1
-                self._restarts[slot] = restarts
-                delay = min(30.0, 0.5 * 2 ** min(restarts, 6))
-                logger.warning(
-                    "worker process exited with %s; restarting in %.1f s", code, delay, extra={"slot": slot}
-                )
-                time.sleep(delay)
-                if not self._stopping:
+                self._exited(slot, code)
+            now = time.monotonic()
+            for slot, due in list(self._due.items()):
+                if due <= now and not self._stopping:
+                    del self._due[slot]
                     self._spawn(slot)
             time.sleep(0.2)
         return 0

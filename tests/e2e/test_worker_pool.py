@@ -193,3 +193,48 @@ def test_honcho_scales_the_procfile_worker_line(settings: Settings, client: redi
         wait_for(lambda: not any(_alive(pid) for pid in seen), 30.0, what="every worker to exit")
     finally:
         _stop(proc, seen)
+
+
+def test_a_child_that_keeps_dying_is_restarted_with_growing_back_off_and_a_stop_is_prompt(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # a Redis URL that refuses: every child dies at start-up
+    env = {**_env(settings), "REDIS_URL": "redis://127.0.0.1:1/0", "PERTH_LOG_LEVEL": "INFO"}
+    command = [sys.executable, "-m", "perth_pipeline.cli", "worker", "--processes", "2"]
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+
+        def delays() -> list[str]:
+            return [
+                line.split("restarting in ")[1].split(" s")[0]
+                for line in log.read_text(errors="replace").splitlines()
+                if "restarting in" in line and "slot=0" in line
+            ]
+
+        # the first quick deaths of one slot: 1 s, 2 s, then 4 s before the next start
+        wait_for(lambda: len(delays()) >= 3, 60.0, what="three restarts")
+        assert delays()[:3] == ["1.0", "2.0", "4.0"]
+        # the supervisor is waiting 4 s for the next restart; a stop is answered at once
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=3) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_back_off_starts_over_after_a_child_ran_for_a_while() -> None:
+    from workers import runner
+
+    supervisor = runner.Supervisor(1)
+    assert [runner.restart_delay(n) for n in (1, 2, 3, 6, 7, 50)] == [1.0, 2.0, 4.0, 30.0, 30.0, 30.0]
+    for _ in range(4):  # quick deaths in a row
+        supervisor._started[0] = runner.time.monotonic()
+        supervisor._exited(0, 1)
+    assert supervisor._restarts[0] == 4
+    supervisor._started[0] = runner.time.monotonic() - runner.STABLE_AFTER - 1  # ran a long time
+    supervisor._exited(0, 1)
+    assert supervisor._restarts[0] == 1
+    assert supervisor._due[0] - runner.time.monotonic() <= runner.restart_delay(1)
