@@ -31,7 +31,7 @@ from rq.job import Job, JobStatus, Retry
 
 from .batch import JOB_FUNCTION, EncodedBatch, PackedJob, encode_batches
 from .breaker import CircuitBreaker
-from .broker import LIVE_STATUSES, Keys, make_queue, make_redis, read_db_health
+from .broker import LIVE_STATUSES, DbHealth, Keys, db_health_verdict, make_queue, make_redis
 from .buffer import (
     PANE,
     SESSION,
@@ -591,10 +591,10 @@ class PersistenceManager:
             for job in jobs:
                 pipe.hmget(Job.key_for(job.job_id), "status", "last_heartbeat", "meta")
             pipe.llen(self._queue.key)
-            pipe.get(self.keys.db_health)
+            pipe.hgetall(self.keys.db_health)
             results = pipe.execute()
         self._queue_depth = int(results[len(jobs)])
-        self._note_db_health(read_db_health(results[len(jobs) + 1]))
+        self._note_db_health(db_health_verdict(results[len(jobs) + 1], ttl=self.settings.health_ttl))
         for job, (status, heartbeat, meta) in zip(jobs, results[: len(jobs)], strict=True):
             self._settle(job, status.decode() if status else None, heartbeat, meta)
         self._resync_log.emit()
@@ -647,11 +647,12 @@ class PersistenceManager:
         with self._state:
             self._inflight.pop(job.job_id, None)
 
-    def _note_db_health(self, health: dict[str, Any] | None) -> None:
-        if health is None:
-            return
+    def _note_db_health(self, health: DbHealth) -> None:
+        """Up if any worker reaches PostgreSQL; down only if every fresh report says so."""
+        if health.ok is None:
+            return  # no fresh report: _check_db asks PostgreSQL itself
         self._db_reported_at = time.monotonic()
-        self._set_db_ok(bool(health.get("ok")), health.get("error") or "reported down by a worker")
+        self._set_db_ok(health.ok, health.error or "reported down by the workers")
 
     def _set_db_ok(self, ok: bool, error: str) -> None:
         self._db_ok = ok

@@ -71,10 +71,12 @@ def gather_status(settings: Settings) -> dict[str, Any]:
     elif postgres.get("schema_error"):
         report["problems"].append(postgres["schema_error"])
     seen = report.get("worker_view_of_postgres")
-    if postgres["ok"] and seen is not None and not seen.get("ok"):
+    if postgres["ok"] and seen is not None and seen["down"]:
+        down = [w for w in seen["workers"] if w["fresh"] and not w["ok"]]
+        who = "; ".join(f"{w['worker']}: {w['error']}" for w in down)
         report["warnings"].append(
-            f"worker {seen.get('source')} reports PostgreSQL unreachable ({seen.get('error')}) "
-            "although status reaches it: check the workers' network and DATABASE_URL"
+            f"{seen['down']} of {seen['up'] + seen['down']} worker(s) report PostgreSQL unreachable ({who}) "
+            "although status reaches it: check those workers' network and DATABASE_URL"
         )
     report["healthy"] = not report["problems"]
     return report
@@ -93,7 +95,7 @@ def _redis_part(settings: Settings, report: dict[str, Any]) -> dict[str, Any]:
         report["queue"] = _queue_section(queue)
         report["workers"] = _workers_section(queue)
         report["producers"] = producer_totals(client, keys)
-        report["worker_view_of_postgres"] = read_db_health(client.get(keys.db_health))
+        report["worker_view_of_postgres"] = read_db_health(client, keys, ttl=settings.health_ttl).as_dict()
     except redis.RedisError as exc:
         for partial in ("queue", "workers", "producers", "worker_view_of_postgres"):
             report.pop(partial, None)
@@ -284,6 +286,7 @@ def render_status(report: dict[str, Any]) -> str:
                 f"    {w['name'][:16]:16}  {w['host']}:{w['pid']}  {w['state']}"
                 f"  ok={w['successful_jobs']} failed={w['failed_jobs']}"
             )
+    lines.extend(_render_worker_view(report.get("worker_view_of_postgres")))
     producers = report.get("producers")
     if producers is not None:
         t = producers["totals"]
@@ -294,6 +297,21 @@ def render_status(report: dict[str, Any]) -> str:
     for problem in report["problems"]:
         lines.append(f"  problem: {problem}")
     return "\n".join(lines)
+
+
+def _render_worker_view(view: dict[str, Any] | None) -> list[str]:
+    """What each worker last reported of PostgreSQL: the workers that cannot reach it, by name."""
+    if view is None:
+        return []
+    if not view["up"] and not view["down"]:
+        stale = f" ({view['stale']} stale)" if view["stale"] else ""
+        return [f"  db reports none fresh{stale}: producers check PostgreSQL themselves"]
+    verdict = {True: "up", False: "DOWN"}[view["ok"]]
+    lines = [f"  db reports {verdict}: {view['up']} worker(s) up, {view['down']} down, {view['stale']} stale"]
+    for w in view["workers"]:
+        if w["fresh"] and not w["ok"]:
+            lines.append(f"    {w['worker'][:16]:16}  down  {w['age_seconds']}s ago  {w['error']}")
+    return lines
 
 
 def run_status(

@@ -1,8 +1,10 @@
 """What a job needs from its worker process: one PostgreSQL connection, the applier, Redis.
 
 A worker process keeps one connection for its whole life (no connection per job)
-and reopens it when it breaks. It also reports what it sees of PostgreSQL in a
-health key in Redis, which producers and ``perth-pipeline status`` read.
+and reopens it when it breaks. It also reports what it sees of PostgreSQL in its
+own field of a health hash in Redis, which producers and ``perth-pipeline status``
+read (any worker that reaches PostgreSQL outweighs those that cannot), and removes
+that field when it stops.
 
 The connection is set up so that a worker that dies cannot hold the locks of a
 session for long: ``client_connection_check_interval`` makes the server notice a
@@ -24,7 +26,7 @@ import psycopg
 import redis
 from psycopg.pq import TransactionStatus
 
-from perth_pipeline.broker import Keys, write_db_health
+from perth_pipeline.broker import Keys, clear_db_health, prune_db_health, write_db_health
 from perth_pipeline.errors import DatabaseUnavailable
 from perth_pipeline.settings import Settings, mask_url
 from perth_pipeline.store import connect
@@ -52,7 +54,8 @@ class JobContext:
         self.settings = settings
         self.redis = redis_client
         self.keys = Keys(settings.queue)
-        self.name = name or socket.gethostname()
+        # the field of this process in the health hash: two processes on a host are two reports
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.applier = Applier(history_retention_bytes=settings.history_retention_bytes)
         self.statement_timeout = effective_statement_timeout(settings)
         if self.statement_timeout < settings.statement_timeout:
@@ -66,6 +69,9 @@ class JobContext:
         self._ok_at = -_CHECK_FRESH
         self._health_at = 0.0
         self._health_ok: bool | None = None
+        # a report must be renewed well within health_ttl, or readers take it for a dead worker's
+        self._health_every = min(_HEALTH_EVERY, settings.health_ttl / 3)
+        self._pruned_at = -float(settings.health_ttl)
         self.db_down_since: float | None = None
         self.last_error: str | None = None
 
@@ -155,22 +161,28 @@ class JobContext:
 
     def _report(self, ok: bool) -> None:
         now = time.monotonic()
-        if ok == self._health_ok and now - self._health_at < _HEALTH_EVERY:
+        if ok == self._health_ok and now - self._health_at < self._health_every:
             return
+        ttl = self.settings.health_ttl
         try:
-            write_db_health(
-                self.redis,
-                self.keys,
-                ok=ok,
-                source=self.name,
-                ttl=self.settings.health_ttl,
-                error=self.last_error,
-            )
+            write_db_health(self.redis, self.keys, ok=ok, source=self.name, ttl=ttl, error=self.last_error)
             self._health_ok, self._health_at = ok, now
+            if now - self._pruned_at >= ttl:
+                # the reports of workers that died without removing theirs (a field has no TTL)
+                self._pruned_at = now
+                prune_db_health(self.redis, self.keys, ttl=ttl)
         except redis.RedisError:
             pass  # the worker's main loop notices a dead Redis on its own
 
+    def withdraw_report(self) -> None:
+        """This worker stops: its report goes, so that it no longer counts as a worker that is up."""
+        self._health_ok = None
+        # if Redis is gone, the report goes stale within health_ttl and is pruned later
+        with contextlib.suppress(redis.RedisError):
+            clear_db_health(self.redis, self.keys, self.name)
+
     def close(self) -> None:
+        self.withdraw_report()
         self.discard_connection()
 
 

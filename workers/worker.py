@@ -17,13 +17,17 @@
 * SIGTERM: the current batch is finished, then the worker exits. A second SIGTERM
   (a cold shutdown) cancels the statement, rolls the batch back and puts it back
   at the head of the queue.
-* While PostgreSQL is unreachable the worker takes no jobs (and says so in the
-  health key) instead of burning the retries of the jobs on the queue.
+* While PostgreSQL is unreachable the worker takes no jobs (and says so in its
+  field of the health hash) instead of burning the retries of the jobs on the queue.
+  An idle worker checks PostgreSQL and renews its report every ``health_ttl / 3``
+  seconds, so that producers keep hearing from a worker that is up while another,
+  cut off from PostgreSQL, reports it down. A worker that stops removes its report.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from datetime import timedelta
@@ -193,11 +197,19 @@ class PerthWorker(SimpleWorker):
     # --- taking jobs: not while PostgreSQL is down; never stopped by an unreadable job ---------
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        idle_until = None if max_idle_time is None else time.monotonic() + max_idle_time
         while True:
             if not self._wait_for_database(burst=timeout is None):
                 return None
+            # waiting in slices: between two, PostgreSQL is checked and this worker's report renewed
+            idle_slice = max(1, math.floor(self.settings.health_ttl / 3))
+            if idle_until is not None:
+                left = math.ceil(idle_until - time.monotonic())
+                if left <= 0:
+                    return None
+                idle_slice = min(idle_slice, left)
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                result = super().dequeue_job_and_maintain_ttl(timeout, idle_slice)
             except Exception as exc:
                 job_id = getattr(exc, "job_id", None)  # set by RQ when it could not read a job
                 if job_id is None:
@@ -205,6 +217,9 @@ class PerthWorker(SimpleWorker):
                 reason = f"unreadable job: {type(exc).__name__}: {short(str(exc))}"
                 queue = getattr(exc, "queue", None) or self.queues[0]
                 registries.quarantine(self.connection, queue, str(job_id), reason, self.settings)
+                continue
+            if result is not None or timeout is None or self._stop_requested:
+                return result
 
     def _wait_for_database(self, *, burst: bool) -> bool:
         """Wait (with back-off) until PostgreSQL takes writes; False when stopping, or in burst mode."""

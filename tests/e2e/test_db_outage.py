@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import signal
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,15 +23,16 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
-from perth_pipeline.broker import Keys, read_db_health
+from perth_pipeline.broker import DbHealth, Keys, read_db_health
 from perth_pipeline.records import Batch, SessionUpsert, TabUpsert
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import Store, connect
 from workers.applier import Applier
 
 from ..helpers import drain, now, require, session, tab, wait_for
-from ..servers import ThrowawayPostgres
+from ..servers import ThrowawayPostgres, free_port
 from .procs import WorkerProcs, backend_of
 
 
@@ -66,8 +68,13 @@ def fetch(rconn: redis.Redis, job: Job) -> Job:
     return Job.fetch(job.id, connection=rconn, serializer=JSONSerializer)
 
 
-def health(settings: Settings, rconn: redis.Redis) -> dict[str, Any] | None:
-    return read_db_health(rconn.get(Keys(settings.queue).db_health))
+def health(settings: Settings, rconn: redis.Redis) -> DbHealth:
+    return read_db_health(rconn, Keys(settings.queue), ttl=settings.health_ttl)
+
+
+def newest(settings: Settings, rconn: redis.Redis) -> dict[str, Any] | None:
+    """The newest fresh report of any worker."""
+    return next(iter(health(settings, rconn).fresh.values()), None)
 
 
 def one_session_batch(name: str = "s") -> tuple[Batch, uuid.UUID]:
@@ -95,21 +102,68 @@ def test_a_worker_that_cannot_reach_postgres_takes_no_jobs_and_says_so(
         batch, sid = one_session_batch()
         job = enqueue(s, rconn, batch)
         first = wait_for(
-            lambda: (h := health(s, rconn)) and not h["ok"] and h, timeout=30, what="a down report"
+            lambda: (h := newest(s, rconn)) and not h["ok"] and h, timeout=30, what="a down report"
         )
-        assert first["error"]
+        assert first and first["error"] and health(s, rconn).ok is False
         # it goes on checking and reporting, and leaves the batch (and its retries) alone
-        wait_for(lambda: health(s, rconn)["at"] > first["at"], timeout=30, what="a second report")  # type: ignore[index]
+        wait_for(
+            lambda: (h := newest(s, rconn)) and h["at"] > first["at"], timeout=30, what="a second report"
+        )
         stored = fetch(rconn, job)
         assert stored.get_status() == JobStatus.QUEUED
         assert stored.retries_left == len(s.retry_intervals)
         throwaway_pg.start()
         wait_for(lambda: fetch(rconn, job).get_status() == JobStatus.FINISHED, timeout=60, what="the batch")
-        assert health(s, rconn)["ok"]  # type: ignore[index]
+        assert health(s, rconn).ok
         assert fetch(rconn, job).retries_left == len(s.retry_intervals)
         with psycopg.connect(throwaway_pg.url) as conn:
             assert conn.execute("SELECT count(*) FROM sessions WHERE id = %s", (sid,)).fetchone() == (1,)
         assert "PostgreSQL unreachable" in workers.logs() and "reachable again" in workers.logs()
+    finally:
+        workers.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_cut_off_from_postgres_does_not_stop_the_producers(
+    settings: Settings, rconn: redis.Redis, tmp_path: Path, pg: psycopg.Connection[Any]
+) -> None:
+    """Two hosts: one's network to PostgreSQL is broken, the other's is fine. The producers go on
+    sending, and the batches are applied by the worker that can."""
+    s = settings.model_copy(update={"health_ttl": 3})
+    workers = WorkerProcs(s, tmp_path, rconn)
+    try:
+        fine = workers.start()
+        workers.start(DATABASE_URL=f"postgresql://perth@127.0.0.1:{free_port()}/perth")
+        both = wait_for(
+            lambda: (h := health(s, rconn)) and len(h.up) == len(h.down) == 1 and h,
+            timeout=30,
+            what="one report up and one down",
+        )
+        assert both
+        (name,) = both.up
+        assert name == workers.worker(fine).name  # type: ignore[union-attr]
+        assert both.ok is True
+        first_at = both.fresh[name]["at"]
+        # idle, the fine worker renews its report: else the cut-off one would soon be the only fresh one
+        wait_for(
+            lambda: health(s, rconn).fresh.get(name, {}).get("at", 0) > first_at + s.health_ttl,
+            timeout=30,
+            what="the idle worker to renew its report",
+        )
+        manager = PersistenceManager(settings=s)
+        try:
+            record = session("applied")
+            manager.create_session(record)
+            assert manager.flush(timeout=30)
+            assert manager.stats()["dropped_jobs"] == 0 and not manager.stats()["database_down"]
+        finally:
+            manager.close()
+        assert pg.execute("SELECT name FROM sessions WHERE id = %s", (record.id,)).fetchone() == ("applied",)
+        # a worker that stops cleanly takes its report with it: the cut-off one is all that is left
+        fine.send_signal(signal.SIGTERM)
+        fine.wait(timeout=30)
+        assert name.encode() not in rconn.hgetall(Keys(s.queue).db_health)
+        assert health(s, rconn).ok is False
     finally:
         workers.close()
 

@@ -211,6 +211,36 @@ def test_while_postgresql_is_down_no_job_piles_up_and_the_state_is_sent_after(h:
     assert h.slowest < BOUND
 
 
+def test_one_worker_cut_off_from_postgresql_does_not_hold_back_what_another_applies(h: Harness) -> None:
+    keys = Keys(QUEUE)
+
+    def cut_off() -> None:
+        write_db_health(h.client, keys, ok=False, source="worker-cut-off", ttl=30, error="no route to host")
+
+    cut_off()
+    wait_for(lambda: h.manager.stats()["database_down"], what="the only report to say down")
+    write_db_health(h.client, keys, ok=True, source="worker-fine", ttl=30)
+    wait_for(lambda: not h.manager.stats()["database_down"], what="a worker that reaches PostgreSQL")
+    # the cut-off worker reports again: the newest report, but not the only fresh one
+    cut_off()
+    held = h.manager.stats()["dropped_jobs"]
+    enqueued = h.manager.stats()["enqueued_jobs"]
+    s = session()
+    h.call(h.manager.create_session, s)
+    for i in range(20):  # twenty sends, each after a poll that read both reports
+        h.call(h.manager.update_session, s.model_copy(update={"name": f"n{i}"}))
+        h.sent()
+    assert h.manager.stats()["dropped_jobs"] == held
+    assert h.manager.stats()["enqueued_jobs"] >= enqueued + 20
+    assert not h.manager.stats()["database_down"]
+    # the fine worker's report goes stale (it died without removing it): the cut-off one is believed
+    stale = {"ok": True, "at": time.time() - 60, "source": "worker-fine", "error": None}
+    h.client.hset(keys.db_health, "worker-fine", json.dumps(stale))
+    wait_for(lambda: h.manager.stats()["database_down"], what="only the down report to count")
+    h.call(h.manager.update_session, s.model_copy(update={"name": "held"}))
+    wait_for(lambda: h.manager.stats()["dropped_jobs"] > held, what="a flush held back")
+
+
 class SilentPostgres:
     """Accepts connections and closes them: PostgreSQL refusing everyone. Counts attempts."""
 
