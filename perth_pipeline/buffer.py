@@ -1118,14 +1118,18 @@ class Buffer:
         return self._redirty_key(item.ref, entry, item.seq)
 
     def _redirty_key(self, key: Key, entry: _Entry, seq: int) -> int:
-        if key in self._dirty:
-            return 0
         seq = min(seq, entry.seq)
+        current = self._dirty.get(key)
+        if current is not None and current <= seq:
+            return 0
+        # Dirty again under the lost write's seq, even when the key was written again since (and
+        # is dirty under that younger seq): a flush() waiting for the lost write must wait for
+        # the resend. (_dirty stays in insertion order; _redirtied_min bounds what is out of it.)
         self._dirty[key] = seq
         self._redirtied.add(key)
         self._redirtied_min = seq if self._redirtied_min is None else min(self._redirtied_min, seq)
         self._track_route(key, entry)
-        return 1
+        return 1 if current is None else 0
 
     def _redirty_touch(self, touch: Touch) -> int:
         ident = touch.session_id.int

@@ -334,13 +334,16 @@ class PersistenceManager:
                 self._waiters -= 1
 
     def _settled(self, target: int) -> bool:
-        unsent = self.buffer.min_unsent_seq()
-        if unsent is not None and unsent <= target:
-            return False
+        # One consistent look, under the state lock: a write is marked as being sent (state)
+        # before it leaves the buffer, and made dirty again (buffer) before its batch leaves
+        # the in-flight set (state); read one after the other, a write could slip between them.
         with self._state:
             if self._sending_min_seq is not None and self._sending_min_seq <= target:
                 return False
-            return all(job.min_seq > target for job in self._inflight.values())
+            if any(job.min_seq <= target for job in self._inflight.values()):
+                return False
+            unsent = self.buffer.min_unsent_seq()
+        return unsent is None or unsent > target
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is buffered to the queue (not waiting for workers) and stop the flusher."""
@@ -615,14 +618,14 @@ class PersistenceManager:
             if status == "started" and heartbeat and self._abandoned(heartbeat):
                 # the worker stopped heart-beating: do not rest on RQ's registry maintenance alone
                 self.counters["abandoned_jobs"] += 1
-                self._forget(job)
                 self.buffer.redirty_receipt(job.receipt, job.touches, job.chunks)
+                self._forget(job)  # after: see _settled
                 self._resync_log.note("abandoned by its worker", job.job_id)
             return
-        self._forget(job)
         refused = _refusal(meta)
         if refused is not None:
             # the workers refused what this producer sent: sending it again cannot help
+            self._forget(job)
             self.counters["refused_jobs"] += 1
             self._refusal_log.note(refused, job.job_id)
             return
@@ -632,6 +635,7 @@ class PersistenceManager:
         else:
             self.counters["failed_jobs"] += 1
         self.buffer.redirty_receipt(job.receipt, job.touches, job.chunks)
+        self._forget(job)  # after its writes are dirty again: see _settled
         self._resync_log.note("vanished from Redis" if status is None else f"ended {status}", job.job_id)
 
     def _abandoned(self, heartbeat: bytes) -> bool:
