@@ -63,6 +63,7 @@ _STATS_EVERY = 5.0
 #: Redis one round trip a second, not twenty.
 _IDLE_POLL_EVERY = 1.0
 _STATS_TTL = 30
+_YIELD = 0.00002  # a real sleep hands the interpreter lock to a waiting thread (see buffer._let_writers_in)
 _MAX_BATCHES_PER_CYCLE = 16
 _LOG_EVERY = 30.0  # at most one line per this many seconds for a repeated condition
 #: What a dead or stuck Redis raises in the flusher (redis-py wraps most socket errors, not all).
@@ -86,6 +87,16 @@ def _uuid(value: Any, field_name: str) -> UUID:
         return UUID(str(value))
     except (TypeError, ValueError):
         raise InvalidRecord(field_name, f"{value!r} is not a UUID") from None
+
+
+def _server_version(info: Any) -> tuple[int, int, int]:
+    """Redis's version from ``INFO server``, as RQ parses it (RQ's own default when it cannot)."""
+    try:
+        parts = [int(p) for p in str(info["redis_version"]).split(".")[:3]]
+    except (TypeError, KeyError, ValueError):  # an error reply (fakeredis has no INFO), or odd
+        return (5, 0, 9)
+    major, minor, patch = [*parts, 0, 0, 0][:3]
+    return major, minor, patch
 
 
 def _refusal(meta: bytes | None) -> str | None:
@@ -553,8 +564,13 @@ class PersistenceManager:
     def _enqueue(self, batches: list[EncodedBatch]) -> None:
         s = self.settings
         now = time.time()
-        # made before the round trip: the items themselves (records, JSON) are not kept in flight
-        receipts = [Receipt.of(batch.items) for batch in batches]
+        # made before the round trip: the items themselves (records, JSON) are not kept in flight;
+        # a batch at a time, handing the interpreter to the terminal's threads in between
+        receipts = []
+        for n, batch in enumerate(batches):
+            if n:
+                time.sleep(_YIELD)
+            receipts.append(Receipt.of(batch.items))
         with self._redis.pipeline(transaction=True) as pipe:
             for batch in batches:
                 job = self._queue.create_job(
@@ -590,12 +606,23 @@ class PersistenceManager:
         self._polled_at = time.monotonic()
         with self._state:
             jobs = list(self._inflight.values())[:_POLL_BATCH]
+        # RQ asks the server's version (INFO, a large reply parsed in Python) at a queue's first
+        # enqueue: learnt here instead, in the round trip the flusher makes anyway at its start,
+        # not in the middle of the first batch sent
+        learn_version = not self._queue.redis_server_version
         with self._redis.pipeline(transaction=False) as pipe:
             for job in jobs:
                 pipe.hmget(Job.key_for(job.job_id), "status", "last_heartbeat", "meta")
             pipe.llen(self._queue.key)
             pipe.hgetall(self.keys.db_health)
-            results = pipe.execute()
+            if learn_version:
+                pipe.info("server")
+            results = pipe.execute(raise_on_error=False)
+        for result in results[: len(jobs) + 2]:
+            if isinstance(result, Exception):
+                raise result
+        if learn_version:
+            self._queue.redis_server_version = _server_version(results[-1])
         self._queue_depth = int(results[len(jobs)])
         self._note_db_health(db_health_verdict(results[len(jobs) + 1], ttl=self.settings.health_ttl))
         for job, (status, heartbeat, meta) in zip(jobs, results[: len(jobs)], strict=True):

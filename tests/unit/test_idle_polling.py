@@ -114,3 +114,26 @@ def test_a_batch_in_flight_is_polled_every_cycle_until_it_settles(
     assert manager.stats()["inflight_jobs"] == 0
     idle = polls_during(client, 2.5)
     assert idle <= 4, idle
+
+
+class _InfoCountingRedis(fakeredis.FakeRedis):
+    """Counts INFO asked outside a pipeline (RQ asks it at a queue's first enqueue if it must)."""
+
+    infos = 0
+
+    def info(self, *args: Any, **kwargs: Any) -> Any:
+        self.infos += 1
+        return super().info(*args, **kwargs)
+
+
+def test_the_first_batch_sent_asks_the_server_nothing_more_than_the_later_ones() -> None:
+    client = _InfoCountingRedis()
+    manager = PersistenceManager(settings=Settings(queue=QUEUE), redis_client=client)
+    try:
+        # the flusher's first poll learns the server's version, in its own round trip
+        wait_for(lambda: manager._queue.redis_server_version, what="the first poll")
+        manager.create_session(session("first"))
+        wait_for(lambda: manager.stats()["enqueued_jobs"] == 1, what="the first batch to be sent")
+        assert client.infos == 0  # RQ did not stop the first enqueue for an INFO round trip
+    finally:
+        manager.close(timeout=1)
