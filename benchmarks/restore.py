@@ -1,11 +1,10 @@
 """Case 5: restoring one session (tabs, panes and scrollback) through the API, as a restarted terminal does.
 
 The session is written through the producer and committed by a worker first.
-Each run reads it back with the manager's reads (``restore_session``,
-``restore_tabs``, ``restore_panes`` per tab, ``restore_pane_history`` per pane;
-``perth_pipeline.snapshot.session_document`` strings them together as
-``perth-pipeline restore`` does), and the first run is checked against what was
-written.
+Each run reads it back with the manager's whole-session read
+(``restore_session_tree``, with the scrollback, through
+``perth_pipeline.snapshot.session_document``, as ``perth-pipeline restore`` does),
+and the first run is checked against what was written.
 """
 
 from __future__ import annotations
