@@ -31,7 +31,7 @@ import os
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -63,11 +63,13 @@ class LatencyConfig:
 
 
 class _RunQueue:
-    """Nanoseconds this thread has spent runnable but not running (Linux schedstat), or None."""
+    """Nanoseconds a thread (this one by default) has spent runnable but not running (Linux schedstat)."""
 
-    def __init__(self) -> None:
+    def __init__(self, native_id: int | None = None) -> None:
+        task = "thread-self" if native_id is None else f"self/task/{native_id}"
+        path = f"/proc/{task}/schedstat"
         try:
-            self.fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            self.fd: int | None = os.open(path, os.O_RDONLY)
         except OSError:
             self.fd = None
 
@@ -89,9 +91,16 @@ class Paced:
     lateness: array[int]  # each wake-up after a sleep, past its target
     gil_wait: array[int]  # the same, less the time the thread waited for a CPU (not the interpreter)
     corrected: bool  # whether the run-queue wait was known (Linux schedstat)
+    #: ``gil_wait`` less the time the other thread (the flusher) itself waited for a CPU meanwhile:
+    #: a thread preempted while it holds the interpreter lock makes the caller wait too, and that
+    #: wait is the machine's, not a stretch of the flusher's work (a diagnostic, an upper bound
+    #: of the correction: the flusher may have waited for a CPU while not holding the lock)
+    gil_wait_holder_running: array[int] = field(default_factory=lambda: array("q"))
 
 
-def paced_calls(call: Callable[[Any], None], records: list[Any], per_tick: int) -> Paced:
+def paced_calls(
+    call: Callable[[Any], None], records: list[Any], per_tick: int, *, other_thread: int | None = None
+) -> Paced:
     """Call ``call`` on every record, ``per_tick`` calls per millisecond, sleeping in between.
 
     The wake-up lateness is split with the kernel's per-thread scheduling statistics: the part
@@ -101,6 +110,8 @@ def paced_calls(call: Callable[[Any], None], records: list[Any], per_tick: int) 
     clock = time.perf_counter_ns
     sleep = time.sleep
     runqueue = _RunQueue()
+    other = _RunQueue(other_thread) if other_thread is not None else None
+    holder_running: array[int] = array("q")
     latencies = array("q", bytes(8 * len(records)))
     lateness: array[int] = array("q")
     gil_wait: array[int] = array("q")
@@ -111,10 +122,14 @@ def paced_calls(call: Callable[[Any], None], records: list[Any], per_tick: int) 
         now = clock()
         if now < target:
             waited = runqueue.waited()
+            other_waited = other.waited() if other is not None else 0
             sleep((target - now) / 1e9)
             late = clock() - target
             lateness.append(late)
-            gil_wait.append(max(0, late - (runqueue.waited() - waited)))
+            wait = max(0, late - (runqueue.waited() - waited))
+            gil_wait.append(wait)
+            if other is not None:
+                holder_running.append(max(0, wait - (other.waited() - other_waited)))
         end = min(n, i + per_tick)
         while i < end:
             t0 = clock()
@@ -127,7 +142,9 @@ def paced_calls(call: Callable[[Any], None], records: list[Any], per_tick: int) 
             target = now + tick
     corrected = runqueue.fd is not None
     runqueue.close()
-    return Paced(latencies, lateness, gil_wait, corrected)
+    if other is not None:
+        other.close()
+    return Paced(latencies, lateness, gil_wait, corrected, holder_running)
 
 
 def _naive_calls(
@@ -238,7 +255,13 @@ def _producer_run(
         cond.producer_on(manager)
         started = time.monotonic()
         with _GcPauses() as gc_pauses:
-            paced = paced_calls(manager.update_pane, updates, cfg.per_tick)
+            flusher = manager._thread  # the benchmark's own look inside: the thread it competes with
+            paced = paced_calls(
+                manager.update_pane,
+                updates,
+                cfg.per_tick,
+                other_thread=flusher.native_id if flusher is not None else None,
+            )
         elapsed = time.monotonic() - started
         cond.off()
         resync = _wait(lambda: not manager.buffer.has_dirty() and manager.is_available(), 90.0)
@@ -249,6 +272,9 @@ def _producer_run(
         "calls": {**percentiles(paced.calls, 1000.0), "seconds": round(elapsed, 2)},
         "wakeup_lateness": percentiles(paced.lateness, 1000.0),
         "gil_wait": {**percentiles(paced.gil_wait, 1000.0), "corrected": paced.corrected},
+        "gil_wait_holder_running": percentiles(paced.gil_wait_holder_running, 1000.0)
+        if len(paced.gil_wait_holder_running)
+        else None,
         "resync_s": None if resync is None else round(resync, 2),
         "stats": {k: stats[k] for k in _STATS},
         "gc": gc_pauses.summary(),

@@ -133,6 +133,16 @@ def _latency_lines(result: dict[str, Any], targets: dict[str, Any]) -> list[str]
                 gcs.append(f"{name} {g['count']} (longest {g['max_ms']:.0f} ms)")
     if gcs:
         lines.append("   full (gen-2) garbage collections during the calls: " + ", ".join(gcs))
+    held = [
+        f"{name} {_us(h['p99'])} / {_us(h['max'])}"
+        for name in CONDITIONS
+        if name in latency and (h := latency[name].get("gil_wait_holder_running"))
+    ]
+    if held:
+        lines.append(
+            "   GIL wait p99 / max less the flusher's own wait for a CPU meanwhile (a preempted holder): "
+            + ", ".join(held)
+        )
     return lines
 
 

@@ -53,7 +53,8 @@ __all__ = ["PersistenceManager"]
 
 logger = logging.getLogger("perth_pipeline.producer")
 
-_POLL_BATCH = 200
+_POLL_BATCH = 200  # the oldest batches in flight whose state one poll reads
+_POLL_CHUNK = 50  # ... in pipelines of this many
 _DB_CHECK_EVERY = 5.0
 _ROUTE_CHECK_EVERY = 1.0
 _ROUTE_GRACE = 60.0
@@ -602,30 +603,45 @@ class PersistenceManager:
         self.counters["enqueued_ops"] += sum(b.ops for b in batches)
 
     def _poll(self) -> None:
-        """One round trip: the state of our oldest jobs, the queue depth, PostgreSQL's health."""
+        """One round trip: the queue depth, PostgreSQL's health and the state of our oldest jobs.
+
+        With many batches in flight (a worker outage) their states are read in pipelines of
+        ``_POLL_CHUNK``, yielding in between: building and parsing a pipeline is Python, about
+        10 us a command, and 200 at once would keep the interpreter from the terminal for 2 ms.
+        """
         self._polled_at = time.monotonic()
         with self._state:
             jobs = list(self._inflight.values())[:_POLL_BATCH]
+        first = jobs[:_POLL_CHUNK]
         # RQ asks the server's version (INFO, a large reply parsed in Python) at a queue's first
         # enqueue: learnt here instead, in the round trip the flusher makes anyway at its start,
         # not in the middle of the first batch sent
         learn_version = not self._queue.redis_server_version
         with self._redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.hmget(Job.key_for(job.job_id), "status", "last_heartbeat", "meta")
             pipe.llen(self._queue.key)
             pipe.hgetall(self.keys.db_health)
+            for job in first:
+                pipe.hmget(Job.key_for(job.job_id), "status", "last_heartbeat", "meta")
             if learn_version:
                 pipe.info("server")
             results = pipe.execute(raise_on_error=False)
-        for result in results[: len(jobs) + 2]:
+        for result in results[: len(first) + 2]:
             if isinstance(result, Exception):
                 raise result
         if learn_version:
             self._queue.redis_server_version = _server_version(results[-1])
-        self._queue_depth = int(results[len(jobs)])
-        self._note_db_health(db_health_verdict(results[len(jobs) + 1], ttl=self.settings.health_ttl))
-        for job, (status, heartbeat, meta) in zip(jobs, results[: len(jobs)], strict=True):
+        self._queue_depth = int(results[0])
+        self._note_db_health(db_health_verdict(results[1], ttl=self.settings.health_ttl))
+        states = results[2 : 2 + len(first)]
+        for start in range(_POLL_CHUNK, len(jobs), _POLL_CHUNK):
+            time.sleep(_YIELD)
+            with self._redis.pipeline(transaction=False) as pipe:
+                for job in jobs[start : start + _POLL_CHUNK]:
+                    pipe.hmget(Job.key_for(job.job_id), "status", "last_heartbeat", "meta")
+                states.extend(pipe.execute())
+        for n, (job, (status, heartbeat, meta)) in enumerate(zip(jobs, states, strict=True)):
+            if n and n % _POLL_CHUNK == 0:
+                time.sleep(_YIELD)
             self._settle(job, status.decode() if status else None, heartbeat, meta)
         self._resync_log.emit()
         self._refusal_log.emit()

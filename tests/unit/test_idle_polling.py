@@ -137,3 +137,42 @@ def test_the_first_batch_sent_asks_the_server_nothing_more_than_the_later_ones()
         assert client.infos == 0  # RQ did not stop the first enqueue for an INFO round trip
     finally:
         manager.close(timeout=1)
+
+
+class _PipelineSizes(fakeredis.FakeRedis):
+    """Notes how many job-state reads (HMGET) each pipeline of the flusher carries."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sizes: list[int] = []
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        sizes = self.sizes
+
+        class Sized(Pipeline):  # type: ignore[misc]
+            def execute(self, raise_on_error: bool = True) -> Any:
+                sizes.append(sum(1 for args, _ in self.command_stack if str(args[0]).upper() == "HMGET"))
+                return super().execute(raise_on_error)
+
+        return Sized(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+def test_many_batches_in_flight_are_read_in_small_pipelines_and_all_settle() -> None:
+    from perth_pipeline import producer
+
+    client = _PipelineSizes()
+    settings = Settings(queue=QUEUE, batch_max_ops=1, flush_interval=0.01)
+    manager = PersistenceManager(settings=settings, redis_client=client)
+    try:
+        for n in range(2 * producer._POLL_CHUNK + 20):
+            manager.create_session(session(f"s{n}"))
+        total = 2 * producer._POLL_CHUNK + 20
+        wait_for(lambda: manager.stats()["inflight_jobs"] == total, what="every batch in flight")
+        assert max(client.sizes) <= producer._POLL_CHUNK
+        for raw in client.lrange(f"rq:queue:{QUEUE}", 0, -1):
+            client.hset(Job.key_for(raw.decode()), "status", "finished")
+        wait_for(lambda: manager.stats()["committed_jobs"] == total, what="every batch to settle")
+        assert max(client.sizes) <= producer._POLL_CHUNK
+        assert manager.flush(timeout=1)
+    finally:
+        manager.close(timeout=1)
