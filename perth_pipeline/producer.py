@@ -573,7 +573,9 @@ class PersistenceManager:
                 time.sleep(_YIELD)
             receipts.append(Receipt.of(batch.items))
         with self._redis.pipeline(transaction=True) as pipe:
-            for batch in batches:
+            for n, batch in enumerate(batches):
+                if n:  # RQ's Python per job is about 0.1 ms: several batches would be a long stretch
+                    time.sleep(_YIELD)
                 job = self._queue.create_job(
                     JOB_FUNCTION,
                     job_id=batch.id,
