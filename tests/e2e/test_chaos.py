@@ -53,6 +53,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from benchmarks.servers import ThrowawayPostgres
 from perth_pipeline import PaneHistoryChunk, PaneRecord, PersistenceManager, SessionRecord, TabRecord
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.records import (
@@ -73,7 +74,6 @@ from perth_pipeline.store import Store
 
 from ..helpers import require, test_settings, wait_for
 from ..model import TABLES, Tables, Write, differences, expected_tables, origin_ranker, read_tables
-from ..servers import ThrowawayPostgres
 from .procs import WorkerProcs, backend_of
 
 OPERATION: TypeAdapter[Any] = TypeAdapter(Operation)

@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 from honcho.environ import parse_procfile
 
+from benchmarks.servers import ThrowawayRedis, free_port, redis_binary
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import make_queue
 from perth_pipeline.settings import Settings
 
-from ..helpers import drain, pane, require, session, tab, test_settings, wait_for
-from ..servers import ThrowawayRedis, free_port, redis_binary
+from ..helpers import drain, pane, require, require_module, session, tab, test_settings, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -201,7 +201,7 @@ def dashboard(stocked: Stocked, start_dashboard: Callable[..., Dashboard]) -> Da
 def test_the_procfile_line_runs_rq_dashboard_with_json_on_loopback(dashboard: Dashboard) -> None:
     command = dashboard_command()
     assert "rq-dashboard" in command and "--json" in command
-    psutil = pytest.importorskip("psutil")
+    psutil = require_module("psutil")
     listening = [
         c.laddr for c in psutil.Process(dashboard.pid).net_connections(kind="inet") if c.status == "LISTEN"
     ]
@@ -257,7 +257,7 @@ def test_basic_auth_from_the_environment(stocked: Stocked, start_dashboard: Call
 
 def test_a_redis_password_stays_off_the_process_list(start_dashboard: Callable[..., Dashboard]) -> None:
     require(redis_binary() is not None, "no redis-server binary")
-    psutil = pytest.importorskip("psutil")
+    psutil = require_module("psutil")
     secret = f"pw-{uuid.uuid4().hex[:8]}"
     with ThrowawayRedis() as server:
         client = server.client()

@@ -23,6 +23,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from benchmarks.servers import ThrowawayPostgres, free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import DbHealth, Keys, read_db_health
@@ -32,7 +33,6 @@ from perth_pipeline.store import Store, connect
 from workers.applier import Applier
 
 from ..helpers import drain, now, require, session, tab, wait_for
-from ..servers import ThrowawayPostgres, free_port
 from .procs import WorkerProcs, backend_of
 
 

@@ -34,12 +34,12 @@ import pytest
 import redis
 import zstandard
 
+from benchmarks.servers import ThrowawayPostgres, ThrowawayRedis
 from perth_pipeline import PaneHistoryChunk, PaneRecord, PersistenceManager, SessionRecord, TabRecord
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import Store
 
 from ..helpers import now, require, test_settings, wait_for
-from ..servers import ThrowawayPostgres, ThrowawayRedis
 from .procs import WorkerProcs
 
 BOUND = 0.05  # seconds: a write call takes microseconds; this is generous for a busy 2-core machine

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from benchmarks.servers import free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.settings import Settings
 
-from ..helpers import pane, require, session, tab, wait_for
-from ..servers import free_port
+from ..helpers import pane, require, require_module, session, tab, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ def _strays(psutil: Any, folder: Path) -> list[tuple[int, str]]:
 @pytest.mark.timeout(240)
 def test_up_runs_the_procfile_on_embedded_servers_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     require(_embedded_available(), "the embedded servers need the 'embedded' extra")
-    psutil = pytest.importorskip("psutil")
+    psutil = require_module("psutil")
     data = tmp_path / "data"
     dashboard_port = free_port()
     lines: list[str] = []

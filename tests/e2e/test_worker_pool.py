@@ -20,13 +20,14 @@ from rq import Queue, Worker
 from perth_pipeline import PersistenceManager
 from perth_pipeline.settings import Settings
 
-from ..helpers import pane, session, tab, wait_for
+from ..helpers import pane, require, session, tab, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
-    not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc"
-)
+
+@pytest.fixture(autouse=True)
+def _proc() -> None:
+    require(Path("/proc/self/stat").exists(), "reads the process tree in /proc")
 
 
 def _children(pid: int) -> set[int]:

@@ -15,9 +15,9 @@ from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.layout import LayoutError, definition_to_kdl, kdl_to_definition, to_kdl
 from perth_pipeline.settings import Settings
 
-from ..helpers import pane, session, settle, tab
+from ..helpers import pane, require_module, session, settle, tab
 
-kdl = pytest.importorskip("kdl")
+kdl = require_module("kdl")
 
 
 def _parse(text: str) -> Any:

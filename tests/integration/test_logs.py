@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from benchmarks.servers import free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import make_queue
@@ -23,7 +24,6 @@ from perth_pipeline.logs import configure_logging, mask_secrets
 from perth_pipeline.settings import Settings
 
 from ..helpers import pane, session, tab, wait_for
-from ..servers import free_port
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:

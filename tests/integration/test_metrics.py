@@ -16,16 +16,16 @@ from types import SimpleNamespace
 import pytest
 import redis
 
+from benchmarks.servers import free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import make_queue
 from perth_pipeline.settings import Settings
 from workers import metrics
 
-from ..helpers import pane, require, session, tab, wait_for
-from ..servers import free_port
+from ..helpers import pane, require, require_module, session, tab, wait_for
 
-prometheus_client = pytest.importorskip("prometheus_client")  # the `metrics` extra (part of `dev`)
+prometheus_client = require_module("prometheus_client")  # the `metrics` extra (part of `dev`)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

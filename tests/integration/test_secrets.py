@@ -27,13 +27,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from benchmarks.servers import ThrowawayRedis, free_port
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.settings import Settings
 
 from ..e2e.procs import WorkerProcs
 from ..helpers import now, pane, require, session, tab, wait_for
-from ..servers import ThrowawayRedis, free_port
 
 REDIS_PASSWORD = "redis-pw-S3CRET"
 PG_PASSWORD = "pg-pw-S3CRET"

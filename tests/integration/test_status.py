@@ -23,6 +23,7 @@ import redis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rq.registry import FailedJobRegistry
 
+from benchmarks.servers import ThrowawayRedis, free_port, redis_binary
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import Keys, make_queue, make_redis
@@ -33,7 +34,6 @@ from perth_pipeline.store import Store, connect
 from workers.worker import PerthJob, PerthWorker
 
 from ..helpers import drain, pane, require, session, settle, tab, test_settings, wait_for
-from ..servers import ThrowawayRedis, free_port, redis_binary
 
 
 def status_cli(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

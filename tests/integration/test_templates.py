@@ -18,9 +18,9 @@ import pytest
 from perth_pipeline import InvalidRecord, NotFound, PersistenceManager, TemplateRecord
 from perth_pipeline.settings import Settings
 
-from ..helpers import drain, settle
+from ..helpers import drain, require_module, settle
 
-kdl = pytest.importorskip("kdl")
+kdl = require_module("kdl")
 
 
 def _env(settings: Settings) -> dict[str, str]:
