@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -131,3 +135,80 @@ def settle(manager: Any, settings: Settings, timeout: float = 20.0) -> None:
         drain(settings)
         if time.monotonic() > deadline:
             raise AssertionError(f"writes not committed within {timeout}s: {manager.stats()}")
+
+
+class ClosingServer:
+    """Accepts TCP connections on a free local port, counts them and closes each at once.
+
+    A server that answers nothing: a broken Redis, a PostgreSQL refusing everyone. ``url``
+    is ``url_format`` with the port filled in.
+    """
+
+    def __init__(self, url_format: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.url = url_format.format(port=self.sock.getsockname()[1])
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def make_buffer(**bounds: int) -> Any:
+    """A producer's buffer with small bounds (any of them overridden by keyword)."""
+    from perth_pipeline.buffer import Buffer
+
+    values = {
+        "max_entities": 1000,
+        "max_pending_history_bytes": 1 << 20,
+        "max_json_bytes": 1 << 16,
+        "max_chunk_bytes": 1 << 16,
+        **bounds,
+    }
+    return Buffer(**values)
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``perth-pipeline`` subprocess that works on ``settings``' servers and queue."""
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url or "",
+        "DATABASE_URL": settings.database_url or "",
+        "PERTH_QUEUE": settings.queue,
+        **extra,
+    }
+
+
+def run_cli(
+    settings: Settings,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``perth-pipeline ARGS`` in a subprocess, on ``settings``' servers and queue (``env`` added)."""
+    return subprocess.run(
+        [sys.executable, "-m", "perth_pipeline.cli", *args],
+        env=cli_env(settings, **(env or {})),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

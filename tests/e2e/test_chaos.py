@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,9 +70,8 @@ from perth_pipeline.records import (
     TemplateUpsert,
 )
 from perth_pipeline.settings import Settings
-from perth_pipeline.store import Store
 
-from ..helpers import require, test_settings, wait_for
+from ..helpers import test_settings, wait_for
 from ..model import TABLES, Tables, Write, differences, expected_tables, origin_ranker, read_tables
 from .procs import WorkerProcs, backend_of
 
@@ -454,22 +453,6 @@ class Report:
     committed_after: float = 0.0  # seconds from the start until every producer's writes were committed
     drained_after: float = 0.0
     seconds: float = 0.0
-
-
-@pytest.fixture
-def throwaway_pg() -> Iterator[ThrowawayPostgres]:
-    try:
-        server = ThrowawayPostgres().start()
-    except (RuntimeError, OSError) as exc:
-        require(False, f"no throwaway PostgreSQL: {exc}")
-        raise
-    try:
-        store = Store(server.url)
-        store.init_db()
-        store.close()
-        yield server
-    finally:
-        server.close()
 
 
 def chaos_settings(redis_url: str, database_url: str) -> Settings:

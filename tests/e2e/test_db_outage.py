@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import signal
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,27 +28,11 @@ from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import DbHealth, Keys, read_db_health
 from perth_pipeline.records import Batch, SessionUpsert, TabUpsert
 from perth_pipeline.settings import Settings
-from perth_pipeline.store import Store, connect
+from perth_pipeline.store import connect
 from workers.applier import Applier
 
-from ..helpers import drain, now, require, session, tab, wait_for
+from ..helpers import drain, now, session, tab, wait_for
 from .procs import WorkerProcs, backend_of
-
-
-@pytest.fixture
-def throwaway_pg() -> Iterator[ThrowawayPostgres]:
-    try:
-        server = ThrowawayPostgres().start()
-    except (RuntimeError, OSError) as exc:
-        require(False, f"no throwaway PostgreSQL: {exc}")
-        raise
-    try:
-        store = Store(server.url)
-        store.init_db()
-        store.close()
-        yield server
-    finally:
-        server.close()
 
 
 def enqueue(settings: Settings, rconn: redis.Redis, batch: Batch, retry: Retry | None = None) -> Job:

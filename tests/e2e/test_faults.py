@@ -37,7 +37,6 @@ import zstandard
 from benchmarks.servers import ThrowawayPostgres, ThrowawayRedis
 from perth_pipeline import PaneHistoryChunk, PaneRecord, PersistenceManager, SessionRecord, TabRecord
 from perth_pipeline.settings import Settings
-from perth_pipeline.store import Store
 
 from ..helpers import now, require, test_settings, wait_for
 from .procs import WorkerProcs
@@ -337,22 +336,6 @@ def redis_server() -> Iterator[ThrowawayRedis]:
     server.close()
 
 
-@pytest.fixture
-def pg_server() -> Iterator[ThrowawayPostgres]:
-    try:
-        server = ThrowawayPostgres().start()
-    except (RuntimeError, OSError) as exc:
-        require(False, f"no PostgreSQL binaries for a throwaway PostgreSQL: {exc}")
-        raise
-    try:
-        store = Store(server.url)
-        store.init_db()
-        store.close()
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture(autouse=True)
 def quiet_heap() -> Iterator[None]:
     # A full collection of the test process's heap is the host's pause, not the producer's
@@ -476,9 +459,9 @@ def test_redis_killed_and_restarted_without_persistence(
 
 
 def test_postgresql_stopped_and_restarted(
-    pg_server: ThrowawayPostgres, redis_url: str, tmp_path: Path
+    throwaway_pg: ThrowawayPostgres, redis_url: str, tmp_path: Path
 ) -> None:
-    database_url = pg_server.url
+    database_url = throwaway_pg.url
     settings = fault_settings(redis_url, database_url)
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
     workers = WorkerProcs(settings, tmp_path, client)
@@ -487,7 +470,7 @@ def test_postgresql_stopped_and_restarted(
         workers.start()
         terminals.drive(1.0)
         converge(terminals, database_url, workers)
-        pg_server.stop()
+        throwaway_pg.stop()
         terminals.drive_until(
             lambda: all(s["database_down"] for s in terminals.stats()),
             timeout=60,
@@ -499,7 +482,7 @@ def test_postgresql_stopped_and_restarted(
         terminals.drive(2.0)
         assert terminals.total("enqueued_jobs") == enqueued  # nothing piles up in Redis meanwhile
         assert sum(t.deletes for t in terminals.all) > deletes
-        pg_server.start()
+        throwaway_pg.start()
         terminals.drive(1.0)
         converge(terminals, database_url, workers)
         terminals.check_calls()

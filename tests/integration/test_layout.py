@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,7 @@ from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.layout import LayoutError, definition_to_kdl, kdl_to_definition, to_kdl
 from perth_pipeline.settings import Settings
 
-from ..helpers import pane, require_module, session, settle, tab
+from ..helpers import pane, require_module, run_cli, session, settle, tab
 
 kdl = require_module("kdl")
 
@@ -26,23 +23,6 @@ def _parse(text: str) -> Any:
 
 def _props(node: Any) -> dict[str, Any]:
     return dict(node.props)
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "PERTH_QUEUE": settings.queue,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "perth_pipeline.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def _document(tabs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,7 +271,7 @@ def split_session(settings: Settings) -> dict[str, Any]:
 def test_restore_format_kdl_prints_a_zellij_layout_of_the_session(
     settings: Settings, split_session: dict[str, Any]
 ) -> None:
-    result = _cli(settings, "restore", str(split_session["session"].id), "--format", "kdl")
+    result = run_cli(settings, "restore", str(split_session["session"].id), "--format", "kdl")
     assert result.returncode == 0, result.stderr
     (layout,) = _parse(result.stdout).nodes
     editor, servers, scratch = layout.nodes
@@ -321,7 +301,7 @@ def test_restore_with_history_writes_each_panes_scrollback_to_a_file(
     settings: Settings, split_session: dict[str, Any], tmp_path: Path
 ) -> None:
     out = tmp_path / "history"
-    result = _cli(
+    result = run_cli(
         settings, "restore", str(split_session["session"].id), "--format", "kdl", "--with-history", str(out)
     )
     assert result.returncode == 0, result.stderr

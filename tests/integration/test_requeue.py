@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -22,7 +20,7 @@ from perth_pipeline.broker import Keys
 from perth_pipeline.records import Batch, SessionUpsert
 from perth_pipeline.settings import Settings
 
-from ..helpers import drain, now, session
+from ..helpers import drain, now, run_cli, session
 
 DAY_NS = 86400 * 10**9
 
@@ -30,21 +28,7 @@ DAY_NS = 86400 * 10**9
 def cli(
     settings: Settings, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    environment = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "PERTH_QUEUE": settings.queue,
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "perth_pipeline.cli", "requeue-failed", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(settings, "requeue-failed", *args, env=env)
 
 
 class Failed:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -20,7 +17,7 @@ from perth_pipeline.retention import run_cleanup, session_lock_key
 from perth_pipeline.settings import Settings
 from workers.applier import Applier, lock_key
 
-from ..helpers import now, pane, session, settle, tab, wait_for
+from ..helpers import now, pane, run_cli, session, settle, tab, wait_for
 
 DAY = 86400.0
 _COUNTS = (
@@ -28,23 +25,6 @@ _COUNTS = (
     "(SELECT count(*) FROM pane_history), (SELECT count(*) FROM tombstones), "
     "(SELECT count(*) FROM template_tombstones)"
 )
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "PERTH_QUEUE": settings.queue,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "perth_pipeline.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -106,7 +86,7 @@ def test_dry_run_prints_what_would_go_and_removes_nothing(
     settings: Settings, aged: dict[str, Any], pg: psycopg.Connection[Any]
 ) -> None:
     before = pg.execute(_COUNTS).fetchone()
-    result = cli(settings, "cleanup", "--older-than", "30d", "--dry-run")
+    result = run_cli(settings, "cleanup", "--older-than", "30d", "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "would remove 1 session inactive for more than 30d" in out
@@ -121,7 +101,7 @@ def test_cleanup_removes_old_sessions_orphans_and_tombstones_and_keeps_the_rest(
     settings: Settings, aged: dict[str, Any], pg: psycopg.Connection[Any]
 ) -> None:
     old, fresh = aged["old"], aged["fresh"]
-    result = cli(settings, "cleanup", "--older-than", "30d", "--json")
+    result = run_cli(settings, "cleanup", "--older-than", "30d", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["dry_run"] is False
@@ -158,7 +138,7 @@ def test_cleanup_removes_old_sessions_orphans_and_tombstones_and_keeps_the_rest(
     assert kinds == {aged["tombstones"]["young"]: "tab", old.id: "session"}
     assert pg.execute("SELECT name FROM template_tombstones").fetchall() == [("recent",)]
     # a second run finds nothing left to do
-    again = json.loads(cli(settings, "cleanup", "--older-than", "30d", "--json").stdout)
+    again = json.loads(run_cli(settings, "cleanup", "--older-than", "30d", "--json").stdout)
     assert again["sessions"] == 0 and again["orphan_tabs"] == again["tombstones"] == 0
 
 
@@ -243,6 +223,6 @@ def test_cleanup_works_through_many_sessions_a_chunk_at_a_time(
     [["cleanup"], ["cleanup", "--older-than", "soon"], ["cleanup", "--older-than", "0"]],
 )
 def test_cleanup_refuses_a_missing_or_bad_duration(settings: Settings, args: list[str]) -> None:
-    result = cli(settings, *args)
+    result = run_cli(settings, *args)
     assert result.returncode == 2
     assert "--older-than" in result.stderr and "Traceback" not in result.stderr

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import uuid
 from typing import Any
 
@@ -15,27 +12,7 @@ import pytest
 from perth_pipeline import NotFound, PaneHistoryChunk, PersistenceManager, TemplateRecord
 from perth_pipeline.settings import Settings
 
-from ..helpers import now, pane, session, settle, tab
-
-
-def cli(
-    settings: Settings, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environment = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "PERTH_QUEUE": settings.queue,
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "perth_pipeline.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from ..helpers import now, pane, run_cli, session, settle, tab
 
 
 @pytest.fixture
@@ -173,7 +150,7 @@ def test_restore_command_prints_the_session_as_json(settings: Settings, stored: 
     import json
 
     s, (t0, t1), panes = stored["session"], stored["tabs"], stored["panes"]
-    result = cli(settings, "restore", str(s.id))
+    result = run_cli(settings, "restore", str(s.id))
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["session"]["id"] == str(s.id)
@@ -182,20 +159,20 @@ def test_restore_command_prints_the_session_as_json(settings: Settings, stored: 
         str(p.id) for p in sorted(panes[:2], key=lambda p: p.pane_id)
     ]
     assert document["tabs"][0]["panes"][1]["component_state"] == {"channel": "ci", "unread": 3}
-    same = cli(settings, "--restore-from-db", str(s.id))
+    same = run_cli(settings, "--restore-from-db", str(s.id))
     assert same.returncode == 0, same.stderr
     assert json.loads(same.stdout) == document
 
 
 def test_restore_command_refuses_a_malformed_id_with_one_line(settings: Settings) -> None:
-    result = cli(settings, "restore", "not-a-uuid")
+    result = run_cli(settings, "restore", "not-a-uuid")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "not a UUID" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_restore_command_reports_a_missing_session(settings: Settings) -> None:
-    result = cli(settings, "restore", str(uuid.uuid4()))
+    result = run_cli(settings, "restore", str(uuid.uuid4()))
     assert result.returncode == 1
     assert "not stored" in result.stderr and "Traceback" not in result.stderr
 
@@ -204,7 +181,7 @@ def test_restore_command_reports_an_unreachable_database(settings: Settings) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    result = cli(
+    result = run_cli(
         settings,
         "restore",
         str(uuid.uuid4()),
@@ -222,7 +199,7 @@ def test_init_db_is_idempotent_and_records_the_schema_version(
     settings: Settings, pg: psycopg.Connection[Any]
 ) -> None:
     for _ in range(2):
-        result = cli(settings, "init-db")
+        result = run_cli(settings, "init-db")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "schema version 1"
     assert pg.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]

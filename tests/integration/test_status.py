@@ -33,24 +33,11 @@ from perth_pipeline.status import gather_status, render_status
 from perth_pipeline.store import Store, connect
 from workers.worker import PerthJob, PerthWorker
 
-from ..helpers import drain, pane, require, session, settle, tab, test_settings, wait_for
+from ..helpers import drain, pane, require, run_cli, session, settle, tab, test_settings, wait_for
 
 
 def status_cli(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "PERTH_QUEUE": settings.queue,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "perth_pipeline.cli", "status", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli(settings, "status", *args, timeout=timeout)
 
 
 def write_some(manager: PersistenceManager, sessions: int) -> None:

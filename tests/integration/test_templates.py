@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,31 +17,14 @@ import pytest
 from perth_pipeline import InvalidRecord, NotFound, PersistenceManager, TemplateRecord
 from perth_pipeline.settings import Settings
 
-from ..helpers import drain, require_module, settle
+from ..helpers import cli_env, drain, require_module, run_cli, settle
 
 kdl = require_module("kdl")
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "PERTH_QUEUE": settings.queue,
-    }
-
-
 def cli(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the command with no worker: whatever it enqueues stays queued."""
-    return subprocess.run(
-        [sys.executable, "-m", "perth_pipeline.cli", "templates", *args],
-        env=_env(settings),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(settings, "templates", *args, stdin=stdin)
 
 
 def cli_applied(
@@ -54,7 +36,7 @@ def cli_applied(
         given.seek(0)
         proc = subprocess.Popen(
             [sys.executable, "-m", "perth_pipeline.cli", "templates", *args],
-            env=_env(settings),
+            env=cli_env(settings),
             stdin=given,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

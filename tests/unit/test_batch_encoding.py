@@ -24,20 +24,18 @@ from perth_pipeline.broker import make_queue
 from perth_pipeline.buffer import PANE, SESSION, TAB, TEMPLATE, Buffer, Drained, Item
 from perth_pipeline.records import BATCH_ADAPTER
 
+from ..helpers import make_buffer
+
 TRICKY = 'é "quoted" \\ back\nslash\t\u2028 \U0001f600 </script>'
 
 
-def _buffer() -> Buffer:
-    return Buffer(
+def _filled() -> tuple[Buffer, list[PaneRecord]]:
+    b = make_buffer(
         max_entities=10_000,
         max_pending_history_bytes=1 << 22,
         max_json_bytes=1 << 18,
         max_chunk_bytes=1 << 18,
     )
-
-
-def _filled() -> tuple[Buffer, list[PaneRecord]]:
-    b = _buffer()
     now = datetime(2024, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     s = SessionRecord(id=uuid.uuid4(), name=TRICKY, template_name="dev", created_at=now, last_active=now)
     b.put_session(s)

@@ -11,20 +11,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from perth_pipeline import PaneHistoryChunk
-from perth_pipeline.buffer import PANE, SESSION, TAB, Buffer, Drained
+from perth_pipeline.buffer import PANE, SESSION, TAB, Drained
 
-from ..helpers import pane, session, tab
-
-
-def make_buffer(**kw: int) -> Buffer:
-    values = {
-        "max_entities": 1000,
-        "max_pending_history_bytes": 1 << 20,
-        "max_json_bytes": 1 << 16,
-        "max_chunk_bytes": 1 << 16,
-    }
-    values.update(kw)
-    return Buffer(**values)
+from ..helpers import make_buffer, pane, session, tab
 
 
 def ops(drained: Drained) -> list[tuple[str, uuid.UUID | str, bool]]:

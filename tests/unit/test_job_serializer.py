@@ -21,7 +21,6 @@ from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneHistoryChunk, TemplateRecord
 from perth_pipeline.batch import JOB_FUNCTION, encode_batches
-from perth_pipeline.buffer import Buffer
 from perth_pipeline.records import (
     BATCH_ADAPTER,
     FORMAT_VERSION,
@@ -36,7 +35,7 @@ from perth_pipeline.records import (
 from workers.jobs import parse_batch
 from workers.serializer import JobSerializer, ParsedBatch, parse_apply_batch
 
-from ..helpers import pane, session, tab
+from ..helpers import make_buffer, pane, session, tab
 
 TRICKY: dict[str, Any] = {
     "title": 'café "☕" \\ \n\t\u2028 \U0001f600 </script>',
@@ -45,15 +44,9 @@ TRICKY: dict[str, Any] = {
 }
 
 
-def _buffer() -> Buffer:
-    return Buffer(
-        max_entities=1000, max_pending_history_bytes=1 << 20, max_json_bytes=1 << 18, max_chunk_bytes=1 << 18
-    )
-
-
 def producer_job_data() -> bytes:
     """One batch's job data, made as the producer makes it (buffer, drain, encode_batches)."""
-    b = _buffer()
+    b = make_buffer(max_json_bytes=1 << 18, max_chunk_bytes=1 << 18)
     s = session()
     t = tab(s.id, layout_blob={"direction": "vertical", "sizes": [50, 50], "x": TRICKY})
     b.put_session(s)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import socket
 import statistics
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +13,7 @@ from perth_pipeline import breaker as breaker_module
 from perth_pipeline.breaker import CircuitBreaker
 from perth_pipeline.settings import Settings
 
-from ..helpers import pane, session, tab, wait_for
+from ..helpers import ClosingServer, pane, session, tab, wait_for
 
 
 class FakeClock:
@@ -65,47 +63,15 @@ def test_while_open_no_attempt_until_the_back_off_is_over(clock: FakeClock) -> N
     assert b.failure("refused") <= 1.0  # a new outage starts from the base again
 
 
-class CountingServer:
-    """Accepts TCP connections, counts them and closes them at once: a broken Redis."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-
 @pytest.fixture
-def broken_redis() -> Iterator[CountingServer]:
-    server = CountingServer()
+def broken_redis() -> Iterator[ClosingServer]:
+    server = ClosingServer("redis://127.0.0.1:{port}/0")  # a broken Redis
     yield server
     server.close()
 
 
 def test_no_connection_attempt_on_every_flush_while_the_breaker_is_open(
-    broken_redis: CountingServer,
+    broken_redis: ClosingServer,
 ) -> None:
     settings = Settings(
         redis_url=broken_redis.url,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
 import zlib
@@ -27,7 +25,7 @@ from perth_pipeline.broker import Keys, write_db_health
 from perth_pipeline.records import BATCH_ADAPTER
 from perth_pipeline.settings import Settings
 
-from ..helpers import pane, session, tab, wait_for
+from ..helpers import ClosingServer, pane, session, tab, wait_for
 
 QUEUE = "resync"
 BOUND = 0.05  # seconds a write call may take, generously (they take microseconds)
@@ -241,40 +239,8 @@ def test_one_worker_cut_off_from_postgresql_does_not_hold_back_what_another_appl
     wait_for(lambda: h.manager.stats()["dropped_jobs"] > held, what="a flush held back")
 
 
-class SilentPostgres:
-    """Accepts connections and closes them: PostgreSQL refusing everyone. Counts attempts."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://perth@127.0.0.1:{self.sock.getsockname()[1]}/perth"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-
 def test_without_a_worker_report_the_producer_checks_postgresql_itself_now_and_then() -> None:
-    pg = SilentPostgres()
+    pg = ClosingServer("postgresql://perth@127.0.0.1:{port}/perth")  # refusing everyone
     harness = Harness(database_url=pg.url, health_ttl=2)
     try:
         harness.call(harness.manager.create_session, session())

@@ -18,15 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from perth_pipeline import TemplateRecord
-from perth_pipeline.buffer import PANE, SESSION, TAB, TEMPLATE, Buffer, Drained, Item, Receipt
+from perth_pipeline.buffer import PANE, SESSION, TAB, TEMPLATE, Drained, Item, Receipt
 
-from ..helpers import pane, session, tab
-
-
-def make_buffer() -> Buffer:
-    return Buffer(
-        max_entities=1000, max_pending_history_bytes=1 << 20, max_json_bytes=1 << 16, max_chunk_bytes=1 << 16
-    )
+from ..helpers import make_buffer, pane, session, tab
 
 
 def by_key(drained: Drained) -> dict[tuple[str, Any], Item]:
