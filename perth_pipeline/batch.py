@@ -25,11 +25,9 @@ RQ would compress it again at level 6, about 9 ms for a batch of 1,000 panes on 
 from __future__ import annotations
 
 import base64
-import json
 import time
 import uuid
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -40,9 +38,9 @@ import zstandard
 from rq.job import Job
 
 from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
-from .records import FORMAT_VERSION, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .records import FORMAT_VERSION, PaneRecord, SessionRecord, TabRecord, TemplateRecord, compact_json
 
-__all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches", "json_text"]
+__all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches"]
 
 #: The one job function that crosses the queue (workers allowlist it by this name).
 JOB_FUNCTION = "workers.jobs.apply_batch"
@@ -59,24 +57,7 @@ _MIN_COMPRESS = 128
 _ORDER = {SESSION: 0, TAB: 1, PANE: 2}  # templates last: a batch reads top-down
 
 
-def _json_encoder() -> Callable[[Any], str]:
-    """Compact JSON of a value through one C encoder made once (not one per call)."""
-    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_make_encoder is not None:
-        try:
-            # markers=None: no cycle check (JSON fields are deep copies made on acceptance)
-            encoder = c_make_encoder(None, None, encode_basestring, None, ":", ",", False, False, False)
-            encoder({}, 0)
-        except TypeError:  # another signature than CPython 3.11 to 3.13's
-            pass
-        else:
-            return lambda value: "".join(encoder(value, 0))
-    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
-_json = _json_encoder()
-#: Compact JSON of a JSON value (``json.dumps(separators=(",", ":"), ensure_ascii=False)``), faster.
-json_text = _json
+_json = compact_json
 _str = encode_basestring  # a quoted, escaped JSON string (as json.dumps(ensure_ascii=False))
 
 

@@ -25,7 +25,6 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from perth_pipeline.batch import json_text
 from perth_pipeline.queries import load_queries
 from perth_pipeline.records import (
     Batch,
@@ -39,6 +38,7 @@ from perth_pipeline.records import (
     TabUpsert,
     TemplateDelete,
     TemplateUpsert,
+    compact_json,
 )
 
 __all__ = ["Applier", "ApplyResult", "lock_key"]
@@ -51,7 +51,7 @@ _ATTEMPTS = 5
 #: until then its dead rows stay on its pages (temporary tables are never vacuumed).
 _RESTAGE_ROWS = 20_000
 
-_dumps = json_text  # compact JSON for the JSONB columns, through one C encoder
+_dumps = compact_json  # compact JSON for the JSONB columns, through one C encoder
 
 #: What a delete of each kind removes, besides its tombstone (descendants written below it).
 _CASCADES = (
