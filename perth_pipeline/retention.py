@@ -28,10 +28,11 @@ import click
 import psycopg
 from psycopg.rows import dict_row
 
+from .locks import lock_key
 from .queries import load_queries
 from .settings import parse_duration
 
-__all__ = ["CleanupReport", "cleanup_command", "run_cleanup", "session_lock_key"]
+__all__ = ["CleanupReport", "cleanup_command", "run_cleanup"]
 
 logger = logging.getLogger("perth_pipeline.retention")
 
@@ -39,11 +40,6 @@ _CHUNK = 500
 _ATTEMPTS = 5
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 _NIL = UUID(int=0)
-
-
-def session_lock_key(session_id: UUID) -> int:
-    """The advisory-lock key workers take for a session (``workers.applier.lock_key``)."""
-    return int.from_bytes(session_id.bytes[:8], "big", signed=True)
 
 
 @dataclass(slots=True)
@@ -194,7 +190,7 @@ class _Cleanup:
         """``name`` in one transaction, under the sessions' advisory locks."""
 
         def step() -> dict[str, Any]:
-            keys = sorted({session_lock_key(i) for i in ids})
+            keys = sorted({lock_key(i) for i in ids})
             with self.conn.transaction():
                 self.conn.execute(self.q["lock_sessions"], {"keys": keys})
                 return self.one(name, ids=ids, cutoff=cutoff)

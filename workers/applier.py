@@ -14,7 +14,6 @@ Deadlocks and serialization failures are retried.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -25,6 +24,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from perth_pipeline.locks import lock_key
 from perth_pipeline.queries import load_queries
 from perth_pipeline.records import (
     Batch,
@@ -41,7 +41,7 @@ from perth_pipeline.records import (
     compact_json,
 )
 
-__all__ = ["Applier", "ApplyResult", "lock_key"]
+__all__ = ["Applier", "ApplyResult"]
 
 logger = logging.getLogger("workers.applier")
 
@@ -67,15 +67,6 @@ _CASCADES = (
     ("tab", ("delete_tabs", "delete_panes_of_tabs", "delete_history_of_tabs")),
     ("pane", ("delete_panes", "delete_history_of_panes")),
 )
-
-
-def lock_key(value: UUID | str) -> int:
-    """The advisory-lock key of a session id (or a template name): a signed 64-bit integer."""
-    if isinstance(value, UUID):
-        raw = value.bytes[:8]
-    else:
-        raw = hashlib.blake2b(b"template:" + value.encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "big", signed=True)
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from uuid import UUID
 import psycopg
 import pytest
 
+from perth_pipeline.locks import lock_key
 from perth_pipeline.records import (
     Batch,
     SessionRecord,
@@ -29,7 +30,7 @@ from perth_pipeline.records import (
     TemplateUpsert,
 )
 from perth_pipeline.store import connect
-from workers.applier import Applier, lock_key, reduce_batch
+from workers.applier import Applier, reduce_batch
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from perth_pipeline.locks import lock_key
 from perth_pipeline.records import (
     HistoryAppend,
     PaneDelete,
@@ -36,7 +37,7 @@ from perth_pipeline.records import (
     TemplateRecord,
     TemplateUpsert,
 )
-from workers.applier import lock_key, reduce_batch
+from workers.applier import reduce_batch
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
