@@ -1,6 +1,6 @@
 """PostgreSQL down, restarting, or refusing work for a while: workers wait, batches are retried.
 
-Outages use a throwaway PostgreSQL of the test's own (tests/servers.py); the
+Outages use a throwaway PostgreSQL of the test's own (benchmarks/servers.py); the
 shared server is never stopped.
 """
 

@@ -1,7 +1,7 @@
 """Faults end to end: the terminal never waits, and an outage loses none of the live state.
 
 DESIGN.md rules 1 to 3 under four faults, each on a server of the test's own
-(tests/servers.py: the shared Redis and PostgreSQL are never stopped):
+(benchmarks/servers.py: the shared Redis and PostgreSQL are never stopped):
 
 * Redis refusing connections (not started yet, then stopped);
 * Redis paused (``CLIENT PAUSE ... ALL``: every command blocks, as a stuck server);
