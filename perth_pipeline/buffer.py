@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
-import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -38,19 +36,8 @@ from uuid import UUID
 
 from .clock import HybridClock
 from .errors import InvalidRecord
-from .records import (
-    MAX_COMMAND_CHARS,
-    MAX_INT32,
-    MAX_NAME_CHARS,
-    MAX_PANE_ID_CHARS,
-    MAX_PATH_CHARS,
-    MAX_TITLE_CHARS,
-    PaneHistoryChunk,
-    PaneRecord,
-    SessionRecord,
-    TabRecord,
-    TemplateRecord,
-)
+from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .validation import copy_json, verify_chunk, verify_pane, verify_session, verify_tab, verify_template
 
 __all__ = ["Buffer", "Chunk", "Drained", "Item", "Receipt", "Touch"]
 
@@ -66,216 +53,9 @@ Key = tuple[str, Any]
 Record = SessionRecord | TabRecord | PaneRecord | TemplateRecord
 
 _DROPPED_MEMORY = 65_536
-_MAX_JSON_DEPTH = 128
 #: Keys the flusher takes (or gives back) under the lock at a time; between two slices it
 #: lets the terminal's threads in (about 0.1 to 0.3 ms of work per slice).
 _SLICE = 128
-_FLAT_MAX = 16
-_PANE_TYPE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-_known_pane_types: set[str] = set()
-
-
-# --- what a write call accepts -------------------------------------------------------------
-#
-# Records are validated by pydantic when they are built, but ``model_copy(update=...)`` and
-# ``model_construct`` skip that, and the JSON fields stay mutable dicts in the caller's hands.
-# A write call checks each field again, cheaply (well under a microsecond), so that nothing
-# invalid reaches the queue, where the workers would refuse it and the write would be lost.
-
-
-def _text(value: Any, name: str, max_chars: int, *, min_chars: int = 0, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if type(value) is not str:
-        raise InvalidRecord(name, f"expected a string, got {type(value).__name__}")
-    if not min_chars <= len(value) <= max_chars:
-        raise InvalidRecord(name, f"must be {min_chars} to {max_chars} characters, not {len(value)}")
-    if "\x00" in value:
-        raise InvalidRecord(name, "must not contain NUL characters")
-    if not value.isascii():
-        _utf8(value, name)
-
-
-def _utf8(value: str, name: str) -> None:
-    # a lone surrogate (text decoded with errors="surrogateescape") cannot be encoded at all
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRecord(name, "is not valid Unicode (it holds a lone surrogate)") from None
-
-
-def _id(value: Any, name: str) -> None:
-    if type(value) is not UUID:
-        raise InvalidRecord(name, f"expected a UUID, got {type(value).__name__}")
-
-
-def _index(value: Any, name: str) -> None:
-    if type(value) is not int or not 0 <= value <= MAX_INT32:
-        raise InvalidRecord(name, f"must be an integer from 0 to {MAX_INT32}, not {value!r}")
-
-
-def _aware(value: Any, name: str) -> None:
-    if not isinstance(value, datetime):
-        raise InvalidRecord(name, f"expected a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidRecord(name, "must be timezone-aware")
-
-
-def _verify_session(r: SessionRecord) -> None:
-    _id(r.id, "id")
-    _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
-    _text(r.template_name, "template_name", MAX_NAME_CHARS, min_chars=1, optional=True)
-    _aware(r.created_at, "created_at")
-    _aware(r.last_active, "last_active")
-
-
-def _verify_tab(r: TabRecord) -> None:
-    _id(r.id, "id")
-    _id(r.session_id, "session_id")
-    _index(r.position, "position")
-    _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
-
-
-def _verify_pane(r: PaneRecord, fields: dict[str, Any]) -> None:
-    """``fields`` is ``r.__dict__``: read once, a dict look-up per field instead of an attribute."""
-    try:
-        pane_id, title, cwd, command = fields["pane_id"], fields["title"], fields["cwd"], fields["command"]
-        if (  # one expression for the common case; the checks below name the field otherwise
-            type(fields["id"]) is UUID
-            and type(fields["tab_id"]) is UUID
-            and fields["pane_type"] in _known_pane_types
-            and type(pane_id) is str
-            and 0 < len(pane_id) <= MAX_PANE_ID_CHARS
-            and type(title) is str
-            and len(title) <= MAX_TITLE_CHARS
-            and (cwd is None or (type(cwd) is str and len(cwd) <= MAX_PATH_CHARS))
-            and (command is None or (type(command) is str and len(command) <= MAX_COMMAND_CHARS))
-        ):
-            text = f"{pane_id}{title}{cwd or ''}{command or ''}"
-            if text.isascii() and "\x00" not in text:
-                return
-    except (KeyError, TypeError):
-        pass  # a record built without its fields (model_construct): the checks below say which
-    _id(r.id, "id")
-    _id(r.tab_id, "tab_id")
-    _text(r.pane_id, "pane_id", MAX_PANE_ID_CHARS, min_chars=1)
-    kind = r.pane_type
-    if kind not in _known_pane_types:
-        if type(kind) is not str or not _PANE_TYPE.fullmatch(kind):
-            raise InvalidRecord("pane_type", "must be a short lowercase identifier such as 'terminal'")
-        if len(_known_pane_types) < 1024:
-            _known_pane_types.add(kind)
-    _text(r.title, "title", MAX_TITLE_CHARS)
-    _text(r.cwd, "cwd", MAX_PATH_CHARS, optional=True)
-    _text(r.command, "command", MAX_COMMAND_CHARS, optional=True)
-
-
-def _verify_template(r: TemplateRecord) -> None:
-    _id(r.id, "id")
-    _text(r.name, "name", MAX_NAME_CHARS, min_chars=1)
-
-
-def _verify_chunk(c: PaneHistoryChunk) -> None:
-    _id(c.pane_id, "pane_id")
-    _index(c.chunk_index, "chunk_index")
-    if type(c.content) is not bytes:
-        raise InvalidRecord("content", f"expected bytes, got {type(c.content).__name__}")
-
-
-def verify_template_name(name: Any) -> None:
-    """A template name as ``delete_template`` takes it."""
-    _text(name, "name", MAX_NAME_CHARS, min_chars=1)
-
-
-def copy_json(value: Any, field_name: str, budget: int) -> Any:
-    """A deep copy of a JSON value, refusing one whose size (roughly, in bytes) exceeds ``budget``.
-
-    Cheaper than serializing: the common case (a small dict) is a few dict
-    comprehensions. The size estimate counts string lengths and a few bytes per
-    node, a lower bound of the JSON text, so a value that passes may be a little
-    over when escaped; the worker's validation is exact.
-    """
-    if type(value) is not dict:
-        raise InvalidRecord(field_name, f"expected a JSON object (a dict), got {type(value).__name__}")
-    if len(value) <= _FLAT_MAX:
-        # the common case, a small object of short strings and numbers: one pass, no recursion
-        size = 2
-        for k, v in value.items():
-            kind = type(v)
-            if type(k) is not str or "\x00" in k or not k.isascii():
-                break
-            if kind is str:
-                if "\x00" in v or not v.isascii():
-                    break
-                size += len(k) + len(v) + 8
-            elif v is None or kind is bool or kind is int:
-                size += len(k) + 10
-            else:
-                break  # floats (NaN?), containers: the full walk
-        else:
-            if size <= budget:
-                return dict(value)
-    copier = _JsonCopier(field_name, budget)
-    copied = copier.walk(value)
-    if copier.remaining < 0:
-        raise InvalidRecord(field_name, f"is over the limit of {budget} bytes of JSON")
-    return copied
-
-
-class _JsonCopier:
-    __slots__ = ("depth", "field", "remaining")
-
-    def __init__(self, field_name: str, budget: int) -> None:
-        self.field = field_name
-        self.remaining = budget
-        self.depth = 0
-
-    def walk(self, node: Any) -> Any:
-        kind = type(node)
-        if kind is dict or kind is list or kind is tuple:
-            self.depth += 1
-            if self.depth > _MAX_JSON_DEPTH:
-                # also what stops a dict that contains itself
-                raise InvalidRecord(self.field, f"is nested deeper than {_MAX_JSON_DEPTH} levels")
-            try:
-                if kind is dict:
-                    return self._dict(node)
-                self.remaining -= 2 + len(node)
-                return [self.walk(v) for v in node]
-            finally:
-                self.depth -= 1
-        if kind is str:
-            self.remaining -= len(node) + 2
-            if "\x00" in node:
-                raise InvalidRecord(self.field, "must not contain NUL characters")
-            if not node.isascii():
-                _utf8(node, self.field)
-            return node
-        if node is None or kind is bool or kind is int:
-            self.remaining -= 5
-            return node
-        if kind is float:
-            if not math.isfinite(node):
-                raise InvalidRecord(self.field, "NaN and infinity are not JSON")
-            self.remaining -= 8
-            return node
-        raise InvalidRecord(self.field, f"{kind.__name__} is not a JSON value")
-
-    def _dict(self, node: dict[Any, Any]) -> dict[str, Any]:
-        self.remaining -= 2 + 2 * len(node)
-        out = {}
-        for k, v in node.items():
-            if type(k) is not str:
-                raise InvalidRecord(self.field, f"JSON object keys must be strings, not {type(k).__name__}")
-            if "\x00" in k:
-                raise InvalidRecord(self.field, "must not contain NUL characters")
-            if not k.isascii():
-                _utf8(k, self.field)
-            self.remaining -= len(k) + 3
-            out[k] = self.walk(v)
-        if self.remaining < 0:
-            raise InvalidRecord(self.field, "is over the size limit of JSON")
-        return out
 
 
 @dataclass(slots=True)
@@ -445,7 +225,7 @@ class Buffer:
     # --- write side (caller's thread) ---------------------------------------------------
 
     def put_session(self, record: SessionRecord) -> None:
-        self._accept(record, SessionRecord, "session", _verify_session)
+        self._accept(record, SessionRecord, "session", verify_session)
         ident = record.id.int
         try:
             with self._lock:
@@ -465,7 +245,7 @@ class Buffer:
                 self._log_full()
 
     def put_tab(self, record: TabRecord) -> None:
-        self._accept(record, TabRecord, "tab", _verify_tab)
+        self._accept(record, TabRecord, "tab", verify_tab)
         snapshot = self._copy(record.layout_blob, "layout_blob")
         session_id = record.session_id
         key = (TAB, record.id.int)
@@ -494,7 +274,7 @@ class Buffer:
             self._refuse_type(record, PaneRecord, "pane")
         fields = record.__dict__
         try:
-            _verify_pane(record, fields)
+            verify_pane(record, fields)
         except InvalidRecord:
             self.count_invalid()
             raise
@@ -528,7 +308,7 @@ class Buffer:
                 self._log_full()
 
     def put_template(self, record: TemplateRecord) -> None:
-        self._accept(record, TemplateRecord, "template", _verify_template)
+        self._accept(record, TemplateRecord, "template", verify_template)
         snapshot = self._copy(record.definition, "definition")
         try:
             with self._lock:
@@ -606,7 +386,7 @@ class Buffer:
                 self._log_full()
 
     def append_history(self, chunk: PaneHistoryChunk) -> None:
-        self._accept(chunk, PaneHistoryChunk, "chunk", _verify_chunk)
+        self._accept(chunk, PaneHistoryChunk, "chunk", verify_chunk)
         size = len(chunk.content)
         if size > self.max_chunk_bytes:
             self.count_invalid()

@@ -42,12 +42,12 @@ from .buffer import (
     Drained,
     Receipt,
     Touch,
-    verify_template_name,
 )
 from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
 from .store import Store
+from .validation import verify_template_name
 
 __all__ = ["PersistenceManager"]
 
