@@ -123,6 +123,12 @@ CREATE TABLE IF NOT EXISTS template_tombstones (
 );
 CREATE INDEX IF NOT EXISTS template_tombstones_deleted_at_idx ON template_tombstones (deleted_at);
 
+-- Migration 2: a tombstone remembers the deleted entity's ancestors (a tab's session, a pane's tab
+-- and session; a session's own id), so that a producer that never held a deleted tab or pane
+-- learns from the database where its writes belong. Tombstones written before keep NULLs.
+ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS session_id uuid;
+ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS tab_id uuid;
+
 -- JSONB compresses better with lz4 where the server has it (PostgreSQL 14+ built
 -- --with-lz4); elsewhere this changes nothing.
 DO $$
@@ -140,5 +146,5 @@ END
 $$;
 
 INSERT INTO schema_migrations (version, description)
-VALUES (1, 'initial schema')
+VALUES (1, 'initial schema'), (2, 'tombstones keep their ancestors')
 ON CONFLICT (version) DO NOTHING;

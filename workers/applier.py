@@ -105,7 +105,8 @@ class _Reduced:
     tabs: dict[int, TabUpsert] = field(default_factory=dict)
     panes: dict[int, PaneUpsert] = field(default_factory=dict)
     history: dict[tuple[int, int], HistoryAppend] = field(default_factory=dict)
-    deletes: dict[int, tuple[str, int, UUID]] = field(default_factory=dict)  # kind, version, id
+    # id -> (kind, version, id, tab_id, session_id): the ancestors go into the tombstone
+    deletes: dict[int, tuple[str, int, UUID, UUID | None, UUID]] = field(default_factory=dict)
     templates: dict[str, TemplateUpsert] = field(default_factory=dict)
     template_deletes: dict[str, int] = field(default_factory=dict)
     session_ids: set[int] = field(default_factory=set)  # UUID.int of every session touched
@@ -137,12 +138,12 @@ def _keep(target: dict[Any, Any], key: Any, op: Any) -> None:
         target[key] = op
 
 
-def _keep_delete(r: _Reduced, key: UUID, kind: str, version: int, session: int) -> None:
+def _keep_delete(r: _Reduced, key: UUID, kind: str, version: int, *, tab: UUID | None, session: UUID) -> None:
     current = r.deletes.get(key.int)
     if current is None or current[1] < version:
-        r.deletes[key.int] = (kind, version, key)
-    r.session_ids.add(session)
-    r.deleting.add(session)
+        r.deletes[key.int] = (kind, version, key, tab, session)
+    r.session_ids.add(session.int)
+    r.deleting.add(session.int)
 
 
 def reduce_batch(ops: Iterable[Any]) -> _Reduced:  # noqa: C901  (one branch per operation kind)
@@ -166,11 +167,11 @@ def reduce_batch(ops: Iterable[Any]) -> _Reduced:  # noqa: C901  (one branch per
             _keep(r.touches, op.id.int, op)
             sessions.add(op.id.int)
         elif kind is SessionDelete:
-            _keep_delete(r, op.id, "session", op.version, op.id.int)
+            _keep_delete(r, op.id, "session", op.version, tab=None, session=op.id)
         elif kind is TabDelete:
-            _keep_delete(r, op.id, "tab", op.version, op.session_id.int)
+            _keep_delete(r, op.id, "tab", op.version, tab=None, session=op.session_id)
         elif kind is PaneDelete:
-            _keep_delete(r, op.id, "pane", op.version, op.session_id.int)
+            _keep_delete(r, op.id, "pane", op.version, tab=op.tab_id, session=op.session_id)
         elif kind is TemplateUpsert:
             _keep(r.templates, op.record.name, op)
         elif kind is TemplateDelete:
@@ -274,7 +275,7 @@ class Applier:
 
     def _apply_deletes(self, cur: psycopg.Cursor[Any], rows: dict[str, int], r: _Reduced) -> None:
         self._run(cur, rows, "tombstones", "upsert_tombstones")
-        kinds = {kind for kind, _, _ in r.deletes.values()}
+        kinds = {delete[0] for delete in r.deletes.values()}
         for kind, statements in _CASCADES:
             if kind in kinds:
                 for name in statements:
@@ -320,7 +321,7 @@ class Applier:
 #: The column types of each COPY (binary format: psycopg sends each value as its column's type),
 #: in the order of the statement's column list and of the rows built below.
 _COPY_TYPES: dict[str, tuple[str, ...]] = {
-    "copy_deletes": ("text", "uuid", "int8", "text"),
+    "copy_deletes": ("text", "uuid", "int8", "text", "uuid", "uuid"),
     "copy_sessions": ("uuid", "text", "text", "timestamptz", "timestamptz", "int8", "text"),
     "copy_touches": ("uuid", "timestamptz"),
     "copy_tabs": ("uuid", "uuid", "int4", "text", "text", "int8", "text"),
@@ -347,7 +348,9 @@ def _stage(r: _Reduced, origin: str, texts: dict[int, tuple[Any, str]]) -> dict[
     """The rows to copy into each staging table, in key order: only the kinds the batch has."""
     staged: dict[str, list[Sequence[Any]]] = {}
     if r.deletes:
-        staged["copy_deletes"] = [(kind, key, v, origin) for kind, v, key in _in_order(r.deletes)]
+        staged["copy_deletes"] = [
+            (kind, key, v, origin, tab, session) for kind, v, key, tab, session in _in_order(r.deletes)
+        ]
     if r.sessions:
         staged["copy_sessions"] = _session_rows(r.sessions, origin)
     if r.touches:

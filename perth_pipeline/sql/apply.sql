@@ -31,8 +31,10 @@ CREATE TEMP TABLE IF NOT EXISTS stage_history (
     session_id uuid, version bigint, origin text
 );
 CREATE TEMP TABLE IF NOT EXISTS stage_deletes (
-    kind text, id uuid, version bigint, origin text
+    kind text, id uuid, version bigint, origin text, tab_id uuid, session_id uuid
 );
+-- (a connection that staged deletes before schema migration 2 has the table without these)
+ALTER TABLE stage_deletes ADD COLUMN IF NOT EXISTS tab_id uuid, ADD COLUMN IF NOT EXISTS session_id uuid;
 CREATE TEMP TABLE IF NOT EXISTS stage_templates (
     name text, id uuid, definition text, version bigint, origin text
 );
@@ -94,7 +96,7 @@ COPY stage_history (pane_id, chunk_index, content, encoding, raw_size, tab_id, s
 FROM STDIN (FORMAT BINARY)
 
 -- name: copy_deletes
-COPY stage_deletes (kind, id, version, origin) FROM STDIN (FORMAT BINARY)
+COPY stage_deletes (kind, id, version, origin, tab_id, session_id) FROM STDIN (FORMAT BINARY)
 
 -- name: copy_templates
 COPY stage_templates (name, id, definition, version, origin) FROM STDIN (FORMAT BINARY)
@@ -103,12 +105,15 @@ COPY stage_templates (name, id, definition, version, origin) FROM STDIN (FORMAT 
 COPY stage_template_deletes (name, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: upsert_tombstones
-INSERT INTO tombstones AS t (id, kind, version, origin)
-SELECT DISTINCT ON (id) id, kind, version, origin
+-- A tombstone keeps the deleted entity's ancestors (a tab's session, a pane's tab and session):
+-- a producer that does not hold a deleted tab or pane learns from it where its writes belong.
+INSERT INTO tombstones AS t (id, kind, version, origin, tab_id, session_id)
+SELECT DISTINCT ON (id) id, kind, version, origin, tab_id, session_id
 FROM stage_deletes
 ORDER BY id, version DESC, origin DESC
 ON CONFLICT (id) DO UPDATE
-SET kind = EXCLUDED.kind, version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now()
+SET kind = EXCLUDED.kind, version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now(),
+    tab_id = EXCLUDED.tab_id, session_id = EXCLUDED.session_id
 WHERE (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin);
 
 -- name: delete_sessions

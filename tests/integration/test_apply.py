@@ -402,3 +402,54 @@ def test_any_order_of_any_split_gives_the_models_rows(
     one = apply_in(first)
     assert not differences(one, expected), differences(one, expected)
     assert apply_in(second) == one
+
+
+def test_tombstones_keep_the_ancestors_of_what_was_deleted_in_any_order(
+    pg: psycopg.Connection[Any], apply_in: Any
+) -> None:
+    # a producer that never held a deleted tab or pane learns from its tombstone where it lived
+    first = batch("a", t_del(10, T1), p_del(11, P3), s_del(12, S2))
+    again = batch("b", t_del(20, T1), p_del(5, P3))
+    for order in ([first, again], [again, first], [first, first, again]):
+        apply_in(order)
+        rows = pg.execute(
+            "SELECT id, kind, version, tab_id, session_id FROM tombstones ORDER BY id"
+        ).fetchall()
+        assert rows == [
+            (S2, "session", 12, None, S2),
+            (T1, "tab", 20, None, S1),
+            (P3, "pane", 11, T3, S2),
+        ]
+
+
+def test_init_db_brings_a_database_of_the_first_schema_up_to_date(database_url: str) -> None:
+    import subprocess
+
+    first = subprocess.run(
+        ["git", "show", "1608137:schema.sql"], capture_output=True, text=True, check=True
+    ).stdout
+    with connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE tombstones")
+        conn.execute("DELETE FROM schema_migrations WHERE version > 1")
+        conn.execute(first.encode())
+        columns = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'tombstones'"
+            )
+        }
+        assert "session_id" not in columns
+    store = Store(database_url)
+    try:
+        assert store.init_db() >= 2
+        assert store.init_db() >= 2  # idempotent
+    finally:
+        store.close()
+    with connect(database_url, autocommit=True) as conn:
+        columns = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'tombstones'"
+            )
+        }
+    assert {"session_id", "tab_id"} <= columns

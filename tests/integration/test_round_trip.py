@@ -201,8 +201,8 @@ def test_init_db_is_idempotent_and_records_the_schema_version(
     for _ in range(2):
         result = run_cli(settings, "init-db")
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "schema version 1"
-    assert pg.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        assert result.stdout.strip() == "schema version 2"
+    assert pg.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(1,), (2,)]
 
 
 def test_last_active_of_a_stored_session_is_touched_after_a_restart(settings: Settings) -> None:
