@@ -22,11 +22,10 @@ Rules kept here (DESIGN.md, rule 2 and 3):
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +36,7 @@ from uuid import UUID
 from .clock import HybridClock
 from .errors import InvalidRecord
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .scrollback import Chunk, Route, Scrollback
 from .validation import copy_json, verify_chunk, verify_pane, verify_session, verify_tab, verify_template
 
 __all__ = ["Buffer", "Chunk", "Drained", "Item", "Receipt", "Touch"]
@@ -128,20 +128,6 @@ class Touch(NamedTuple):
 
 
 @dataclass(slots=True)
-class Chunk:
-    chunk: PaneHistoryChunk
-    pane: int  # the pane's id as the buffer keys it (``UUID.int``)
-    version: int
-    seq: int
-    tab_id: UUID | None
-    session_id: UUID | None
-
-    @property
-    def size(self) -> int:
-        return len(self.chunk.content)
-
-
-@dataclass(slots=True)
 class Drained:
     items: list[Item] = field(default_factory=list)
     touches: list[Touch] = field(default_factory=list)
@@ -197,10 +183,12 @@ class Buffer:
         self._redirtied: set[Key] = set()
         self._redirtied_min: int | None = None  # a lower bound of the seqs in _redirtied
         self._unrouted: set[Key] = set()  # dirty tabs and panes whose session is not known yet
+        # Dirty tabs and panes found unroutable by a drain wait here (key -> seq, as in _dirty),
+        # out of the drains' way, until their route is learnt: nothing decides a loss by time.
+        self._held: dict[Key, int] = {}
+        self._held_min: int | None = None  # a lower bound of the seqs in _held
+        self._routes_changed = False  # a route was learnt since held keys were last looked at
         self._touches: dict[int, Touch] = {}  # session id (int) -> its pending touch
-        self._history: deque[Chunk] = deque()  # in seq order
-        self._history_bytes = 0
-        self._pending_chunks: dict[int, int] = {}  # pane id (int) -> its chunks in _history
         # parent id (int) -> keys of the children written under it (a tab's session, a pane's tab;
         # a pane under a tab this buffer does not hold also links that tab under its session)
         self._children: dict[int, set[Key]] = {}
@@ -209,6 +197,9 @@ class Buffer:
         self._tab_routes: OrderedDict[int, UUID] = OrderedDict()
         self._pane_routes: OrderedDict[int, tuple[UUID, UUID]] = OrderedDict()
         self._dropped: OrderedDict[int, None] = OrderedDict()
+        # panes this terminal deleted (or whose tab or session it deleted), with their route:
+        # a chunk appended to one afterwards is moot (superseded at once, not held)
+        self._gone_panes: OrderedDict[int, Route] = OrderedDict()
         self._warned_full = False
         self._full_warning: dict[str, int] | None = None
         self.counters: dict[str, int] = {
@@ -221,6 +212,7 @@ class Buffer:
             "superseded": 0,
             "resynced": 0,
         }
+        self._scrollback = Scrollback(max_pending_history_bytes, self.counters)
 
     # --- write side (caller's thread) ---------------------------------------------------
 
@@ -374,11 +366,13 @@ class Buffer:
                         self._release_slot()
                     entry.record, entry.snapshot, entry.deleted = None, None, True
                     entry.version, entry.seq = version, self._seq
-                    entry.pending_delete = None  # this delete supersedes an earlier unsent one
+                    # An earlier unsent delete (pending_delete) is covered by this one, which is
+                    # higher, but stays marked: it may be of an incarnation under another parent,
+                    # whose cascade must not make this delete look superseded (see _drop_child).
                 self._make_dirty(key, entry, self._seq)
                 if kind != TEMPLATE:
                     self._dropped.pop(ident, None)
-                    self._drop_descendants(ident, kind)
+                    self._drop_descendants(ident, kind, (entry.tab_id, entry.session_id))
                 if kind == SESSION:
                     self._touches.pop(ident, None)
         finally:
@@ -400,13 +394,15 @@ class Buffer:
                 self.counters["dropped_chunks"] += 1
                 self.counters["dropped_chunk_bytes"] += size
                 return
+            if pane in self._gone_panes:
+                # the pane's last output, drained after the terminal deleted it: moot, not held
+                self.counters["superseded"] += 1
+                return
             self._seq += 1
             tab_id, session_id = self._route_of_pane(pane)
-            self._history.append(
+            self._scrollback.append(
                 Chunk(chunk, pane, self.clock.next_unlocked(), self._seq, tab_id, session_id)
             )
-            self._chunk_added(pane, size)
-            self._evict_history()
 
     def count_invalid(self) -> None:
         with self._lock:
@@ -512,7 +508,7 @@ class Buffer:
             self._live[key] = entry
             self._live_count += 1
         elif entry.deleted:
-            if key in self._dirty:
+            if key in self._dirty or key in self._held:
                 # re-created before its delete was sent: the delete still goes, first, so that
                 # its cascade (what was written under the old one) is not lost
                 entry.pending_delete = entry.version
@@ -525,6 +521,11 @@ class Buffer:
             self._unlink_from(old_parent, key)
         if parent is not None:
             self._link(parent, key)
+        if key[0] == PANE:
+            self._gone_panes.pop(key[1], None)  # created again: its scrollback counts again
+            self._routes_changed = True  # its parked chunks may be routable now
+        elif key[0] == TAB:
+            self._routes_changed = True  # held panes under it may be routable now
         self._mark(entry, key, record, snapshot)
 
     def _mark(self, entry: _Entry, key: Key, record: Record, snapshot: Any) -> None:
@@ -532,7 +533,7 @@ class Buffer:
         entry.record, entry.snapshot = record, snapshot
         entry.version, entry.seq = self.clock.next_unlocked(), seq
         dirty = self._dirty
-        if key in dirty:
+        if key in dirty or (self._held and key in self._held):
             # coalesced: it keeps the seq of its oldest unsent write (flush() waits for that one)
             self.counters["coalesced"] += 1
         else:
@@ -543,7 +544,7 @@ class Buffer:
             self._unrouted.discard(key)
 
     def _make_dirty(self, key: Key, entry: _Entry, seq: int) -> None:
-        if key in self._dirty:
+        if key in self._dirty or key in self._held:
             # coalesced: it keeps the seq of its oldest unsent write (flush() waits for that one)
             self.counters["coalesced"] += 1
         else:
@@ -558,7 +559,11 @@ class Buffer:
 
     def _undirty(self, key: Key) -> bool:
         if self._dirty.pop(key, None) is None:
-            return False
+            if self._held.pop(key, None) is None:
+                return False
+            if not self._held:
+                self._held_min = None
+            return True
         self._unrouted.discard(key)
         if key in self._redirtied:
             self._redirtied.discard(key)
@@ -605,7 +610,7 @@ class Buffer:
         pane = self._live.get((PANE, pane_id))
         if pane is not None and pane.tab_id is not None:
             return pane.tab_id, pane.session_id or self._session_of_tab(pane.tab_id.int)
-        route = self._pane_routes.get(pane_id)
+        route = self._pane_routes.get(pane_id) or self._gone_panes.get(pane_id)
         return route if route is not None else (None, None)
 
     def _route_unknown(self, kind: str, entity_id: Any) -> tuple[UUID | None, UUID | None]:
@@ -617,10 +622,15 @@ class Buffer:
             return self._route_of_pane(entity_id.int)
         return None, None
 
-    def _drop_descendants(self, parent_id: int, kind: str) -> None:
-        """A delete supersedes everything buffered under it (the apply cascades by version)."""
+    def _drop_descendants(self, parent_id: int, kind: str, route: Route) -> None:
+        """A delete supersedes everything buffered under it (the apply cascades by version).
+
+        ``route`` is the deleted entity's ``(tab_id, session_id)``. The panes it takes with it are
+        remembered as gone, with their routes: a later chunk of one is moot, and a later delete
+        of one knows where to go.
+        """
         stack = [parent_id]
-        doomed_panes: set[int] = {parent_id} if kind == PANE else set()
+        doomed: dict[int, Route] = {parent_id: route} if kind == PANE else {}
         while stack:
             current = stack.pop()
             for child_key in self._children.pop(current, ()):
@@ -631,24 +641,28 @@ class Buffer:
                     self._drop_child(child_key, child)
                 stack.append(child_key[1])
                 if child_key[0] == PANE:
-                    doomed_panes.add(child_key[1])
-        if self._history and not doomed_panes.isdisjoint(self._pending_chunks):
-            kept: deque[Chunk] = deque()
-            for chunk in self._history:
-                if chunk.pane in doomed_panes:
-                    self.counters["superseded"] += 1
-                    self._chunk_gone(chunk.pane, chunk.size)
-                else:
-                    kept.append(chunk)
-            self._history = kept
+                    doomed[child_key[1]] = (None, None) if child is None else (child.tab_id, child.session_id)
+        if doomed:
+            for pane, pane_route in doomed.items():
+                self._remember_gone(pane, pane_route)
+            self._scrollback.drop_panes(set(doomed))
+
+    def _remember_gone(self, pane: int, route: Route) -> None:
+        self._gone_panes[pane] = route
+        self._gone_panes.move_to_end(pane)
+        if len(self._gone_panes) > _DROPPED_MEMORY:
+            self._gone_panes.popitem(last=False)
 
     def _drop_child(self, key: Key, child: _Entry) -> None:
-        if child.pending_delete is not None and not child.deleted:
-            # the unsent delete of an earlier incarnation (perhaps under another parent) still
-            # has to go: keep it, as a delete, dirty; the new incarnation is superseded
-            self._release_slot()
+        if child.pending_delete is not None:
+            # the unsent delete of an earlier incarnation (perhaps under another parent, which
+            # this cascade does not reach) still has to go: keep it, as a delete, dirty; the new
+            # incarnation (or its own delete) is superseded
+            if not child.deleted:
+                self._release_slot()
+                child.version = child.pending_delete
             child.record, child.snapshot, child.deleted = None, None, True
-            child.version, child.pending_delete = child.pending_delete, None
+            child.pending_delete = None
             self.counters["superseded"] += 1
             return
         del self._live[key]
@@ -657,37 +671,20 @@ class Buffer:
         if self._undirty(key):
             self.counters["superseded"] += 1
 
-    def _chunk_added(self, pane_id: int, size: int) -> None:
-        self._history_bytes += size
-        self._pending_chunks[pane_id] = self._pending_chunks.get(pane_id, 0) + 1
-
-    def _chunk_gone(self, pane_id: int, size: int) -> None:
-        self._history_bytes -= size
-        left = self._pending_chunks.get(pane_id, 0) - 1
-        if left > 0:
-            self._pending_chunks[pane_id] = left
-        else:
-            self._pending_chunks.pop(pane_id, None)
-
-    def _evict_history(self) -> None:
-        """Past the byte bound the oldest pending chunks go first (counted: gaps on restore)."""
-        while self._history_bytes > self.max_pending_history_bytes and self._history:
-            old = self._history.popleft()
-            self._chunk_gone(old.pane, old.size)
-            self.counters["dropped_chunks"] += 1
-            self.counters["dropped_chunk_bytes"] += old.size
-
     # --- flusher side -----------------------------------------------------------------------
 
     def drain(self, max_items: int) -> Drained:
         """Take up to ``max_items`` dirty operations (oldest first), leaving the rest dirty.
 
-        Items whose ancestors are still unknown stay dirty (see :meth:`unrouted`). The lock
-        is taken for ``_SLICE`` keys at a time, and the interpreter lock is let go between
-        slices, so that a write call never waits for a whole drain.
+        Items whose ancestors are still unknown are held apart, dirty, until their route is
+        learnt (see :meth:`unrouted`); one pane's unroutable chunks are parked without holding
+        back any other's. The lock is taken for ``_SLICE`` keys at a time, and the interpreter
+        lock is let go between slices, so that a write call never waits for a whole drain.
         """
         out = Drained()
         budget = max_items
+        if self._routes_changed:
+            self._release_held()
         with self._lock:
             if self._touches and budget > 0:
                 for sid in list(islice(self._touches, budget)):
@@ -695,47 +692,48 @@ class Buffer:
                 budget -= len(out.touches)
         while budget > 0 and self._dirty:
             with self._lock:
-                taken = self._drain_items(out, min(budget, _SLICE))
+                taken, looked = self._drain_items(out, budget)
             budget -= taken
-            if taken < _SLICE:
+            if looked < _SLICE:
                 break
             _let_writers_in()
-        with self._lock:
-            while budget > 0 and self._history:
-                chunk = self._history[0]
-                if chunk.session_id is None:
-                    chunk.tab_id, chunk.session_id = self._route_of_pane(chunk.pane)
-                    if chunk.session_id is None:
-                        break  # keep order: wait for the pane's route
-                self._history.popleft()
-                self._chunk_gone(chunk.pane, chunk.size)
-                out.chunks.append(chunk)
-                budget -= 1
+        if budget > 0 and self._scrollback:
+            with self._lock:
+                out.chunks = self._scrollback.take(budget, self._route_of_pane, self._gone_panes.__contains__)
         return out
 
-    def _drain_items(self, out: Drained, budget: int) -> int:
-        """Take up to ``budget`` dirty keys into ``out`` (under the lock); returns how many."""
+    def _drain_items(self, out: Drained, budget: int) -> tuple[int, int]:
+        """Take up to ``budget`` dirty keys into ``out``, looking at ``_SLICE`` at most: (taken, looked).
+
+        (Under the lock.) A key found unroutable is moved to the held keys, out of every later
+        drain's way, so a drain's work stays proportional to what was written since the last.
+        """
         taken: list[Key] = []
+        held: list[Key] = []
         items = out.items
         live, unrouted = self._live, self._unrouted
         for key, seq in self._dirty.items():
-            if len(taken) >= budget:
+            if len(taken) >= budget or len(taken) + len(held) >= _SLICE:
                 break
             entry = live.get(key)
             if entry is None:
                 taken.append(key)
                 continue
             if unrouted and key in unrouted and not self._routed(key, entry):
+                held.append(key)
                 continue
             taken.append(key)
             kind, tab_id, session_id = entry.kind, entry.tab_id, entry.session_id
             public = (kind, entry.ident)
             if entry.pending_delete is not None:
-                # the delete goes first so that its cascade is not lost to the re-creation
-                items.append(
-                    Item(kind, public, entry.pending_delete, seq, None, None, True, tab_id, session_id, key)
-                )
-                entry.pending_delete = None
+                if not entry.deleted:
+                    # the delete goes first so that its cascade is not lost to the re-creation
+                    items.append(
+                        Item(
+                            kind, public, entry.pending_delete, seq, None, None, True, tab_id, session_id, key
+                        )
+                    )
+                entry.pending_delete = None  # (a delete since covers it)
             items.append(
                 Item(
                     kind,
@@ -753,13 +751,44 @@ class Buffer:
         pop = self._dirty.pop
         for key in taken:
             pop(key)
+        for key in held:
+            self._hold(key, pop(key))
         if unrouted:
             unrouted.difference_update(taken)
+            unrouted.difference_update(held)
         if self._redirtied:
             self._redirtied.difference_update(taken)
+            self._redirtied.difference_update(held)
             if not self._redirtied:
                 self._redirtied_min = None
-        return len(taken)
+        return len(taken), len(taken) + len(held)
+
+    def _hold(self, key: Key, seq: int) -> None:
+        self._held[key] = seq
+        self._held_min = seq if self._held_min is None else min(self._held_min, seq)
+
+    def _release_held(self) -> None:
+        """Back to the dirty keys (and the parked chunks back in line): what is routable now."""
+        with self._lock:
+            self._routes_changed = False
+            self._scrollback.release(self._route_of_pane, self._gone_panes.__contains__)
+            keys = list(self._held)
+        for start in range(0, len(keys), _SLICE):
+            if start:
+                _let_writers_in()
+            with self._lock:
+                for key in keys[start : start + _SLICE]:
+                    seq = self._held.get(key)
+                    if seq is None:
+                        continue  # superseded meanwhile
+                    entry = self._live.get(key)
+                    if entry is None:
+                        del self._held[key]
+                    elif self._routed(key, entry):
+                        del self._held[key]
+                        self._redirty_key(key, entry, seq)
+                if not self._held:
+                    self._held_min = None
 
     def _routed(self, key: Key, entry: _Entry) -> bool:
         """Find the session of a tab or pane from what the buffer knows now (under the lock)."""
@@ -782,15 +811,20 @@ class Buffer:
         return True
 
     def unrouted(self) -> tuple[list[UUID], list[UUID]]:
-        """Tab ids whose session, and pane ids whose tab and session, the buffer does not know."""
+        """Tab ids whose session, and pane ids whose tab and session, the buffer does not know.
+
+        What waits for them (held tabs and panes, parked chunks) stays in memory, dirty, until
+        :meth:`learn_routes` tells: a delay is never a loss.
+        """
+        self._release_held()
         tabs: set[UUID] = set()
         panes: set[UUID] = set()
         with self._lock:
-            for key in list(self._unrouted):
+            for key in [*self._held, *self._unrouted]:
                 entry = self._live.get(key)
                 if entry is None:
                     self._unrouted.discard(key)
-                elif self._routed(key, entry):
+                elif key in self._unrouted and self._routed(key, entry):
                     continue
                 elif key[0] == PANE and entry.tab_id is not None:
                     tabs.add(entry.tab_id)
@@ -798,19 +832,26 @@ class Buffer:
                     panes.add(entry.ident)
                 else:
                     tabs.add(entry.ident)
-            if self._history and self._history[0].session_id is None:
-                head = self._history[0]
-                head.tab_id, head.session_id = self._route_of_pane(head.pane)
-                if head.session_id is None:
-                    panes.add(head.chunk.pane_id)
+            for pane_id in self._scrollback.parked_panes():
+                pane = self._live.get((PANE, pane_id.int))
+                if pane is not None and pane.tab_id is not None:
+                    tabs.add(pane.tab_id)
+                else:
+                    panes.add(pane_id)
         return sorted(tabs), sorted(panes)
 
     def learn_routes(
         self,
         tabs: dict[UUID, UUID] | None = None,
         panes: dict[UUID, tuple[UUID, UUID]] | None = None,
+        *,
+        gone_panes: Iterable[UUID] = (),
     ) -> None:
-        """Remember ancestors read from the database (restores, look-ups), bounded."""
+        """Remember ancestors read from the database (restores, look-ups), bounded.
+
+        ``gone_panes`` are panes the database holds a tombstone of and no row: their pending
+        chunks are moot (superseded), and so is what is appended to them later.
+        """
         with self._lock:
             for tab_id, session_id in (tabs or {}).items():
                 ident = tab_id.int
@@ -823,33 +864,12 @@ class Buffer:
             for routes in (self._tab_routes, self._pane_routes):
                 while len(routes) > self.max_entities:
                     routes.popitem(last=False)
-
-    def discard_unroutable(self, tab_ids: Iterable[UUID], pane_ids: Iterable[UUID]) -> int:
-        """Drop dirty entities and chunks whose ancestors no one knows (counted)."""
-        tabs = {t.int for t in tab_ids}
-        panes = {p.int for p in pane_ids}
-        dropped = 0
-        with self._lock:
-            for key in list(self._unrouted):
-                entry = self._live.get(key)
-                if entry is None or entry.session_id is not None:
-                    continue
-                if (key[0] == TAB and key[1] in tabs) or (
-                    key[0] == PANE
-                    and (key[1] in panes or (entry.tab_id is not None and entry.tab_id.int in tabs))
-                ):
-                    self._undirty(key)
-                    self._forget(key, entry)
-                    dropped += 1
-            while self._history and self._history[0].session_id is None:
-                if self._history[0].pane not in panes:
-                    break
-                chunk = self._history.popleft()
-                self._chunk_gone(chunk.pane, chunk.size)
-                self.counters["dropped_chunks"] += 1
-                self.counters["dropped_chunk_bytes"] += chunk.size
-            self.counters["dropped_entities"] += dropped
-        return dropped
+            for pane_id in gone_panes:
+                ident = pane_id.int
+                if (PANE, ident) not in self._live:  # a pane this terminal holds is not gone
+                    self._remember_gone(ident, self._pane_routes.get(ident, (None, None)))
+                    self._scrollback.drop_panes({ident})
+            self._routes_changed = True
 
     def redirty(
         self, items: Iterable[Item], touches: Iterable[Touch] = (), chunks: Iterable[Chunk] = ()
@@ -900,6 +920,11 @@ class Buffer:
     def _redirty_key(self, key: Key, entry: _Entry, seq: int) -> int:
         seq = min(seq, entry.seq)
         current = self._dirty.get(key)
+        if current is None and key in self._held:
+            # still waiting for its route: it waits under the older of the two seqs
+            if seq < self._held[key]:
+                self._hold(key, seq)
+            return 0
         if current is not None and current <= seq:
             return 0
         # Dirty again under the lost write's seq, even when the key was written again since (and
@@ -927,25 +952,15 @@ class Buffer:
         return 0
 
     def _redirty_chunks(self, chunks: list[Chunk]) -> int:
-        restored = [c for c in chunks if c.pane not in self._dropped and not self._superseded(c)]
-        if not restored:
-            return 0
-        restored.sort(key=_seq_of)
-        # the pending chunks are in seq order: merge the restored ones in (usually all older)
-        newest = restored[-1].seq
-        younger: list[Chunk] = []
-        while self._history and self._history[0].seq < newest:
-            younger.append(self._history.popleft())
-        for chunk in reversed(list(heapq.merge(younger, restored, key=_seq_of))):
-            self._history.appendleft(chunk)
-        for chunk in restored:
-            self._chunk_added(chunk.pane, chunk.size)
-        self._evict_history()
-        return len(restored)
+        return self._scrollback.restore(
+            c for c in chunks if c.pane not in self._dropped and not self._superseded(c)
+        )
 
     def _superseded(self, chunk: Chunk) -> bool:
         pane = self._live.get((PANE, chunk.pane))
-        return pane is not None and pane.deleted and pane.version > chunk.version
+        if pane is None:
+            return chunk.pane in self._gone_panes  # deleted, and the delete committed
+        return pane.deleted and pane.version > chunk.version
 
     def confirm(self, items: Iterable[Item]) -> None:
         """Operations committed: a delete that is still the latest state is forgotten."""
@@ -957,7 +972,8 @@ class Buffer:
             for item in deletes:
                 entry = self._live.get(item.ref)
                 current = entry is not None and entry.deleted and entry.version == item.version
-                if current and entry is not None and item.ref not in self._dirty:
+                unsent = item.ref in self._dirty or item.ref in self._held
+                if current and entry is not None and not unsent:
                     self._forget(item.ref, entry)
             self._maybe_rearm()
 
@@ -972,30 +988,40 @@ class Buffer:
         return self._seq
 
     def min_unsent_seq(self) -> int | None:
-        """The oldest write not yet drained (or a lower bound of it), or None when nothing waits."""
+        """The oldest write not yet drained (or a lower bound of it), or None when nothing waits.
+
+        Writes held for want of a route count: ``flush()`` is True only once they are committed.
+        """
         with self._lock:
             candidates = []
             if self._dirty:
                 candidates.append(next(iter(self._dirty.values())))
             if self._redirtied_min is not None:
                 candidates.append(self._redirtied_min)
+            if self._held_min is not None:
+                candidates.append(self._held_min)
             if self._touches:
                 candidates.append(min(t.seq for t in self._touches.values()))
-            if self._history:
-                candidates.append(self._history[0].seq)
+            history = self._scrollback.min_seq()
+            if history is not None:
+                candidates.append(history)
             return min(candidates) if candidates else None
 
     def has_dirty(self) -> bool:
-        return bool(self._dirty or self._touches or self._history)
+        """Something can be drained now (what waits for a route does not count: see ``unrouted``)."""
+        return bool(self._dirty or self._touches or self._scrollback.has_ready() or self._routes_changed)
 
     def gauges(self) -> dict[str, int]:
         with self._lock:
+            scrollback = self._scrollback
             return {
                 "live_entities": self._live_count,
                 "held_entries": len(self._live),
-                "dirty": len(self._dirty) + len(self._touches),
-                "pending_history_chunks": len(self._history),
-                "pending_history_bytes": self._history_bytes,
+                "dirty": len(self._dirty) + len(self._held) + len(self._touches),
+                "unrouted": len(self._held) + scrollback.parked,
+                "pending_history_chunks": len(scrollback),
+                "pending_history_bytes": scrollback.content_bytes,
+                "pending_history_memory": scrollback.cost,
             }
 
 
@@ -1023,7 +1049,3 @@ def _parent(key: Key, entry: _Entry) -> int | None:
     if kind == PANE:
         return None if entry.tab_id is None else entry.tab_id.int
     return None
-
-
-def _seq_of(chunk: Chunk) -> int:
-    return chunk.seq

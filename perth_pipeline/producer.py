@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import redis
 import zstandard
 from rq.job import Job, JobStatus, Retry
@@ -57,7 +59,8 @@ _POLL_BATCH = 200  # the oldest batches in flight whose state one poll reads
 _POLL_CHUNK = 50  # ... in pipelines of this many
 _DB_CHECK_EVERY = 5.0
 _ROUTE_CHECK_EVERY = 1.0
-_ROUTE_GRACE = 60.0
+#: At most this many ids in one route look-up (a query per second while anything waits).
+_ROUTE_LOOKUP_MAX = 2000
 _STATS_EVERY = 5.0
 #: With nothing in flight and nothing to send, the flusher looks at Redis this often (for the queue
 #: depth, PostgreSQL's health and the breaker), not at every flush interval: an idle terminal costs
@@ -212,8 +215,8 @@ class PersistenceManager:
         self._redis_ok_at = 0.0
         self._queue_depth = 0
         self._route_checked_at = 0.0
+        self._route_error_logged_at = -_LOG_EVERY
         self._polled_at = -_IDLE_POLL_EVERY
-        self._unroutable_since: dict[UUID, float] = {}
         self._stats_published_at = 0.0
         self._cycle_failures = 0
         self._enqueue_failing = False
@@ -239,7 +242,6 @@ class PersistenceManager:
             "vanished_jobs": 0,
             "abandoned_jobs": 0,
             "refused_jobs": 0,
-            "unroutable": 0,
             "held_back": 0,  # flushes skipped because the queue was past queue_hard_depth
             "unencodable": 0,  # operations the encoder could not take (a bug): dropped, not retried
         }
@@ -727,41 +729,41 @@ class PersistenceManager:
         except PersistenceError as exc:
             self._set_db_ok(False, str(exc))
 
-    def _resolve_routes(self) -> None:
-        """Ask PostgreSQL for the session of tabs and panes this buffer does not hold."""
+    def _resolve_routes(self, *, force: bool = False) -> None:
+        """Ask PostgreSQL for the session of tabs and panes this buffer does not hold.
+
+        What waits for a route stays in the buffer, dirty, however long it takes (the parent's
+        batch may still be queued behind a backlog): no timer turns a delay into a loss. Memory
+        bounds it: held entities count against ``max_entities``, parked scrollback against
+        ``max_pending_history_bytes``. Routes come from the rows, or from the tombstones of
+        deleted tabs and panes (whose writes are then sent, and judged by version, or moot).
+        """
         now = time.monotonic()
-        if now - self._route_checked_at < _ROUTE_CHECK_EVERY:
+        if not force and now - self._route_checked_at < _ROUTE_CHECK_EVERY:
             return
         self._route_checked_at = now
         tab_ids, pane_ids = self.buffer.unrouted()
-        if not tab_ids and not pane_ids:
-            self._unroutable_since.clear()
+        if (not tab_ids and not pane_ids) or self._store is None:
+            return  # without a database, only the terminal's own writes can tell
+        if len(tab_ids) + len(pane_ids) > _ROUTE_LOOKUP_MAX:
+            # a long wait behind a backlog: look up a different sample each time
+            tab_ids = random.sample(tab_ids, min(len(tab_ids), _ROUTE_LOOKUP_MAX // 2))
+            pane_ids = random.sample(pane_ids, min(len(pane_ids), _ROUTE_LOOKUP_MAX // 2))
+        try:
+            routes = self._store.routes(tab_ids, pane_ids)
+        except PersistenceError:
+            return  # unreachable: the health check says so; the writes wait
+        except psycopg.Error as exc:  # e.g. a database whose schema predates the look-up
+            if now - self._route_error_logged_at >= _LOG_EVERY:
+                self._route_error_logged_at = now
+                logger.warning(
+                    "route look-up failed (%s); writes under unknown parents wait. "
+                    "Is the schema current? Run `perth-pipeline init-db`",
+                    type(exc).__name__,
+                    extra={"unrouted_tabs": len(tab_ids), "unrouted_panes": len(pane_ids)},
+                )
             return
-        tabs: dict[UUID, UUID] = {}
-        panes: dict[UUID, tuple[UUID, UUID]] = {}
-        if self._store is not None:  # without a database, only the terminal's own writes can tell
-            try:
-                tabs, panes = self._store.routes(tab_ids, pane_ids)
-            except PersistenceError:
-                return
-        self.buffer.learn_routes(tabs, panes)
-        missing_tabs = [t for t in tab_ids if t not in tabs]
-        missing_panes = [p for p in pane_ids if p not in panes]
-        expired_tabs: list[UUID] = []
-        expired_panes: list[UUID] = []
-        for ident in missing_tabs + missing_panes:
-            first = self._unroutable_since.setdefault(ident, now)
-            if now - first > _ROUTE_GRACE:
-                (expired_tabs if ident in missing_tabs else expired_panes).append(ident)
-        if expired_tabs or expired_panes:
-            dropped = self.buffer.discard_unroutable(expired_tabs, expired_panes)
-            self.counters["unroutable"] += dropped
-            logger.warning(
-                "dropped writes under tabs or panes that neither this terminal nor the database knows",
-                extra={"dropped": dropped},
-            )
-            for ident in expired_tabs + expired_panes:
-                self._unroutable_since.pop(ident, None)
+        self.buffer.learn_routes(routes.tabs, routes.panes, gone_panes=routes.gone_panes)
 
     def _publish_stats(self) -> None:
         """Each producer's counters, for ``status`` and the metrics (expire with the producer)."""
@@ -773,6 +775,8 @@ class PersistenceManager:
     def _final_send(self) -> None:
         """On close: enqueue what is buffered, until the deadline; never wait for the workers."""
         deadline = getattr(self, "_close_deadline", time.monotonic() + 2.0)
+        with contextlib.suppress(Exception):  # a last look for routes; close() returns whatever happens
+            self._resolve_routes(force=True)
         while self.buffer.has_dirty() and time.monotonic() < deadline:
             sent = self.counters["enqueued_ops"]
             try:

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -25,7 +25,7 @@ from .queries import load_queries, schema_sql
 from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import mask_url
 
-__all__ = ["Store", "connect", "wrap_errors"]
+__all__ = ["Routes", "Store", "connect", "wrap_errors"]
 
 logger = logging.getLogger("perth_pipeline.store")
 
@@ -230,13 +230,21 @@ class Store:
         row = self._one("route_of_pane", pane_id=pane_id)
         return (row["tab_id"], row["session_id"]) if row else None
 
-    def routes(
-        self, tab_ids: list[UUID], pane_ids: list[UUID]
-    ) -> tuple[dict[UUID, UUID], dict[UUID, tuple[UUID, UUID]]]:
+    def routes(self, tab_ids: list[UUID], pane_ids: list[UUID]) -> Routes:
+        """The ancestors of these tabs and panes, from their rows or their tombstones."""
         tabs = {r["id"]: r["session_id"] for r in self._all("tab_routes", ids=tab_ids)} if tab_ids else {}
-        panes = (
-            {r["id"]: (r["tab_id"], r["session_id"]) for r in self._all("pane_routes", ids=pane_ids)}
-            if pane_ids
-            else {}
-        )
-        return tabs, panes
+        panes: dict[UUID, tuple[UUID, UUID]] = {}
+        gone: list[UUID] = []
+        for row in self._all("pane_routes", ids=pane_ids) if pane_ids else ():
+            panes[row["id"]] = (row["tab_id"], row["session_id"])
+            if row["deleted"]:
+                gone.append(row["id"])
+        return Routes(tabs, panes, gone)
+
+
+class Routes(NamedTuple):
+    """What :meth:`Store.routes` found: tab -> session, pane -> (tab, session), deleted panes."""
+
+    tabs: dict[UUID, UUID]
+    panes: dict[UUID, tuple[UUID, UUID]]
+    gone_panes: list[UUID]

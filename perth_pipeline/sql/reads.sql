@@ -66,10 +66,21 @@ SELECT session_id FROM tabs WHERE id = %(tab_id)s;
 SELECT tab_id, session_id FROM panes WHERE id = %(pane_id)s;
 
 -- name: tab_routes
-SELECT id, session_id FROM tabs WHERE id = ANY(%(ids)s);
+-- The session of each tab, from its row or, for a deleted tab, from its tombstone (tombstones
+-- written before schema migration 2 carry no ancestors: such a tab stays unknown).
+SELECT id, session_id FROM tabs WHERE id = ANY(%(ids)s)
+UNION ALL
+SELECT d.id, d.session_id FROM tombstones d
+WHERE d.kind = 'tab' AND d.id = ANY(%(ids)s) AND d.session_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM tabs t WHERE t.id = d.id);
 
 -- name: pane_routes
-SELECT id, tab_id, session_id FROM panes WHERE id = ANY(%(ids)s);
+-- The tab and session of each pane, from its row or from its tombstone (then `deleted`).
+SELECT id, tab_id, session_id, false AS deleted FROM panes WHERE id = ANY(%(ids)s)
+UNION ALL
+SELECT d.id, d.tab_id, d.session_id, true FROM tombstones d
+WHERE d.kind = 'pane' AND d.id = ANY(%(ids)s) AND d.tab_id IS NOT NULL AND d.session_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM panes p WHERE p.id = d.id);
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) AS version FROM schema_migrations;

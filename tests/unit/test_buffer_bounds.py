@@ -14,6 +14,7 @@ import pytest
 
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.records import BATCH_ADAPTER
+from perth_pipeline.scrollback import CHUNK_OVERHEAD
 from perth_pipeline.settings import Settings
 
 from ..helpers import pane, session, tab, wait_for
@@ -130,7 +131,8 @@ def test_the_scrollback_byte_bound_drops_the_oldest_pending_chunks_and_counts_th
     server: fakeredis.FakeServer, managers: list[PersistenceManager]
 ) -> None:
     server.connected = False  # Redis is down: scrollback piles up in memory
-    m = make_manager(server, max_pending_history_bytes=1024)
+    bound = 10 * (100 + CHUNK_OVERHEAD)  # ten chunks of 100 bytes, counted as what they cost
+    m = make_manager(server, max_pending_history_bytes=bound)
     managers.append(m)
     s = session()
     t = tab(s.id)
@@ -140,8 +142,9 @@ def test_the_scrollback_byte_bound_drops_the_oldest_pending_chunks_and_counts_th
     m.create_pane(p)
     for i in range(20):
         m.append_pane_history(PaneHistoryChunk(pane_id=p.id, chunk_index=i, content=bytes([i]) * 100))
-        assert m.stats()["pending_history_bytes"] <= 1024
+        assert m.stats()["pending_history_memory"] <= bound
     stats = m.stats()
+    assert stats["pending_history_bytes"] == 1000
     assert stats["dropped_chunks"] == 10
     assert stats["dropped_chunk_bytes"] == 1000
     server.connected = True

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from perth_pipeline import PaneHistoryChunk
 from perth_pipeline.buffer import PANE, SESSION, TAB, Drained
+from perth_pipeline.scrollback import CHUNK_OVERHEAD
 
 from ..helpers import make_buffer, pane, session, tab
 
@@ -132,7 +133,7 @@ def test_the_oldest_unsent_write_is_known_after_deliveries_fail_in_any_order() -
 
 
 def test_given_back_chunks_keep_their_order_and_the_oldest_go_past_the_bound() -> None:
-    b = make_buffer(max_pending_history_bytes=1000)
+    b = make_buffer(max_pending_history_bytes=5 * (200 + CHUNK_OVERHEAD))
     s = session()
     t = tab(s.id)
     p = pane(t.id)
