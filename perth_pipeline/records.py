@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from json.encoder import encode_basestring
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     Base64Bytes,
     BaseModel,
@@ -74,6 +77,21 @@ MAX_CHUNK_BYTES = 4 << 20
 MAX_OPS_PER_BATCH = 10_000
 MAX_INT32 = 2**31 - 1
 MAX_VERSION = 2**63 - 1
+#: Integers in JSON fields: what a 64-bit consumer (PostgreSQL's jsonb to bigint, serde_json's
+#: i64/u64, the Rust terminal) reads back exactly. Python would take any size, and fail to encode
+#: past 4,300 digits.
+MIN_JSON_INT = -(2**63)
+MAX_JSON_INT = 2**64 - 1
+#: Timestamps, as UTC instants: within a day of the ends of Python's datetime range, so that any
+#: reader (a restore in any time zone) can convert one back. Offsets are whole minutes (what ISO
+#: 8601 as written on the wire, and PostgreSQL, keep).
+MIN_TIMESTAMP = datetime(1, 1, 2, tzinfo=UTC)
+MAX_TIMESTAMP = datetime(9999, 12, 30, tzinfo=UTC)
+#: How far ahead of a worker's (or an observing producer's) clock a version may be: a day.
+#: Versions are nanoseconds of a producer's clock; a host more than a day ahead is broken, and
+#: a version past that would win over every honest write for as long as the gap lasts.
+MAX_CLOCK_SKEW_NS = 24 * 3600 * 10**9
+_MIN_INSTANT, _MAX_INSTANT = MIN_TIMESTAMP.replace(tzinfo=None), MAX_TIMESTAMP.replace(tzinfo=None)
 
 _NUL = "\x00"
 _PANE_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -156,9 +174,41 @@ def _bounded_json(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]
     return value
 
 
+def timestamp_problem(value: datetime) -> str | None:
+    """Why an aware timestamp cannot be stored and read back, or None. (Shared with the write calls.)"""
+    offset = value.utcoffset()
+    if offset is None:
+        return "must be timezone-aware"
+    if offset.seconds % 60 or offset.microseconds:
+        return "its UTC offset must be a whole number of minutes"
+    try:
+        instant = value.replace(tzinfo=None) - offset
+    except OverflowError:
+        instant = None
+    if instant is None or not MIN_TIMESTAMP.replace(tzinfo=None) <= instant <= MAX_TIMESTAMP.replace(
+        tzinfo=None
+    ):
+        return f"must lie between {MIN_TIMESTAMP:%Y-%m-%d} and {MAX_TIMESTAMP:%Y-%m-%d} UTC"
+    return None
+
+
+def _storable_timestamp(value: datetime) -> datetime:
+    problem = timestamp_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _not_ahead(version: int) -> int:
+    if version > time.time_ns() + MAX_CLOCK_SKEW_NS:
+        raise ValueError("is more than a day ahead of this host's clock (a producer's clock is wrong)")
+    return version
+
+
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 Position = Annotated[int, Field(ge=0, le=MAX_INT32)]
-Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION), AfterValidator(_not_ahead)]
+Timestamp = Annotated[AwareDatetime, AfterValidator(_storable_timestamp)]
 Origin = Annotated[str, StringConstraints(pattern=_ORIGIN.pattern)]
 
 
@@ -178,8 +228,8 @@ class SessionRecord(_Record):
     id: UUID
     name: Name
     template_name: Name | None = None
-    created_at: AwareDatetime
-    last_active: AwareDatetime
+    created_at: Timestamp
+    last_active: Timestamp
 
     _check_text = field_validator("name", "template_name")(_no_nul)
 
@@ -277,7 +327,7 @@ class SessionTouch(_Op):
 
     op: Literal["session.touch"] = "session.touch"
     id: UUID
-    last_active: AwareDatetime
+    last_active: Timestamp
 
 
 class TabUpsert(_Op):

@@ -19,15 +19,19 @@ from .errors import InvalidRecord
 from .records import (
     MAX_COMMAND_CHARS,
     MAX_INT32,
+    MAX_JSON_INT,
     MAX_NAME_CHARS,
     MAX_PANE_ID_CHARS,
     MAX_PATH_CHARS,
     MAX_TITLE_CHARS,
+    MIN_JSON_INT,
     PaneHistoryChunk,
     PaneRecord,
     SessionRecord,
     TabRecord,
     TemplateRecord,
+    json_size,
+    timestamp_problem,
 )
 
 __all__ = [
@@ -80,8 +84,9 @@ def _index(value: Any, name: str) -> None:
 def _aware(value: Any, name: str) -> None:
     if not isinstance(value, datetime):
         raise InvalidRecord(name, f"expected a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidRecord(name, "must be timezone-aware")
+    problem = timestamp_problem(value)
+    if problem is not None:
+        raise InvalidRecord(name, problem)
 
 
 def verify_session(r: SessionRecord) -> None:
@@ -151,18 +156,19 @@ def verify_template_name(name: Any) -> None:
 
 
 def copy_json(value: Any, field_name: str, budget: int) -> Any:
-    """A deep copy of a JSON value, refusing one whose size (roughly, in bytes) exceeds ``budget``.
+    """A deep copy of a JSON value, refusing one whose compact JSON is over ``budget`` bytes.
 
-    Cheaper than serializing: the common case (a small dict) is a few dict
-    comprehensions. The size estimate counts string lengths and a few bytes per
-    node, a lower bound of the JSON text, so a value that passes may be a little
-    over when escaped; the worker's validation is exact.
+    The size is the worker's (``records.json_size``: compact, UTF-8, escapes included), so
+    what is accepted here is never refused there. Cheaper than serializing: while walking, a
+    lower and an upper bound of the size are counted (a character is 1 to 6 bytes of JSON); a
+    value is refused when the lower bound is over, accepted when the upper one fits, and
+    encoded only in between. The common case (a small dict) is one pass, no recursion.
     """
     if type(value) is not dict:
         raise InvalidRecord(field_name, f"expected a JSON object (a dict), got {type(value).__name__}")
     if len(value) <= _FLAT_MAX:
         # the common case, a small object of short strings and numbers: one pass, no recursion
-        size = 2
+        upper = 2  # an upper bound of the JSON's size: 6 bytes a character at most ("\u001b")
         for k, v in value.items():
             kind = type(v)
             if type(k) is not str or "\x00" in k or not k.isascii():
@@ -170,27 +176,32 @@ def copy_json(value: Any, field_name: str, budget: int) -> Any:
             if kind is str:
                 if "\x00" in v or not v.isascii():
                     break
-                size += len(k) + len(v) + 8
-            elif v is None or kind is bool or kind is int:
-                size += len(k) + 10
+                upper += 6 * (len(k) + len(v)) + 6
+            elif v is None or kind is bool or (kind is int and MIN_JSON_INT <= v <= MAX_JSON_INT):
+                upper += 6 * len(k) + 24
             else:
-                break  # floats (NaN?), containers: the full walk
+                break  # floats (NaN?), big integers, containers: the full walk
         else:
-            if size <= budget:
+            if upper <= budget:
                 return dict(value)
     copier = _JsonCopier(field_name, budget)
     copied = copier.walk(value)
     if copier.remaining < 0:
         raise InvalidRecord(field_name, f"is over the limit of {budget} bytes of JSON")
+    if copier.upper > budget:
+        size = json_size(copied)  # between the bounds: the exact size, as the worker measures it
+        if size > budget:
+            raise InvalidRecord(field_name, f"is {size} bytes of JSON, over the limit of {budget}")
     return copied
 
 
 class _JsonCopier:
-    __slots__ = ("depth", "field", "remaining")
+    __slots__ = ("depth", "field", "remaining", "upper")
 
     def __init__(self, field_name: str, budget: int) -> None:
         self.field = field_name
-        self.remaining = budget
+        self.remaining = budget  # the budget less a lower bound of the size so far
+        self.upper = 0  # an upper bound of the size so far
         self.depth = 0
 
     def walk(self, node: Any) -> Any:
@@ -204,28 +215,35 @@ class _JsonCopier:
                 if kind is dict:
                     return self._dict(node)
                 self.remaining -= 2 + len(node)
+                self.upper += 2 + len(node)
                 return [self.walk(v) for v in node]
             finally:
                 self.depth -= 1
         if kind is str:
             self.remaining -= len(node) + 2
+            self.upper += 6 * len(node) + 2
             if "\x00" in node:
                 raise InvalidRecord(self.field, "must not contain NUL characters")
             if not node.isascii():
                 _utf8(node, self.field)
             return node
+        if kind is int and not MIN_JSON_INT <= node <= MAX_JSON_INT:
+            raise InvalidRecord(self.field, f"integers must lie between {MIN_JSON_INT} and {MAX_JSON_INT}")
         if node is None or kind is bool or kind is int:
-            self.remaining -= 5
+            self.remaining -= 4 if kind is not int else 1
+            self.upper += 21
             return node
         if kind is float:
             if not math.isfinite(node):
                 raise InvalidRecord(self.field, "NaN and infinity are not JSON")
-            self.remaining -= 8
+            self.remaining -= 3
+            self.upper += 25
             return node
         raise InvalidRecord(self.field, f"{kind.__name__} is not a JSON value")
 
     def _dict(self, node: dict[Any, Any]) -> dict[str, Any]:
         self.remaining -= 2 + 2 * len(node)
+        self.upper += 2 + 2 * len(node)
         out = {}
         for k, v in node.items():
             if type(k) is not str:
@@ -235,6 +253,7 @@ class _JsonCopier:
             if not k.isascii():
                 _utf8(k, self.field)
             self.remaining -= len(k) + 3
+            self.upper += 6 * len(k) + 3
             out[k] = self.walk(v)
         if self.remaining < 0:
             raise InvalidRecord(self.field, "is over the size limit of JSON")
