@@ -129,6 +129,20 @@ CREATE INDEX IF NOT EXISTS template_tombstones_deleted_at_idx ON template_tombst
 ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS session_id uuid;
 ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS tab_id uuid;
 
+-- When anything was last written under a session: its own last_active, the apply's updated_at
+-- (upserts and touches), and those of its tabs, panes and scrollback. A terminal that writes
+-- panes for a month without touching its session is active: the cleanup reads this, not only
+-- last_active. (Rows are kept by the apply, so nothing is written to keep it current.)
+CREATE OR REPLACE VIEW session_activity AS
+SELECT s.id, greatest(
+    s.last_active,
+    s.updated_at,
+    (SELECT max(x.updated_at) FROM tabs x WHERE x.session_id = s.id),
+    (SELECT max(x.updated_at) FROM panes x WHERE x.session_id = s.id),
+    (SELECT max(x.created_at) FROM pane_history x WHERE x.session_id = s.id)
+) AS active_at
+FROM sessions s;
+
 -- JSONB compresses better with lz4 where the server has it (PostgreSQL 14+ built
 -- --with-lz4); elsewhere this changes nothing.
 DO $$

@@ -103,7 +103,7 @@ class CleanupReport:
         verb = "would remove" if self.dry_run else "removed"
         out = [
             f"{verb} {_count(len(self.sessions), 'session')} inactive for more than "
-            f"{_duration(self.older_than)} (last active before {self.cutoff:%Y-%m-%d %H:%M:%S %Z})"
+            f"{_duration(self.older_than)} (nothing written since {self.cutoff:%Y-%m-%d %H:%M:%S %Z})"
             if self.cutoff
             else f"{verb} {_count(len(self.sessions), 'session')}"
         ]

@@ -11,10 +11,13 @@
 SELECT now() - make_interval(secs => %(seconds)s) AS cutoff;
 
 -- name: expired_session_ids
-SELECT id
-FROM sessions
-WHERE last_active < %(cutoff)s AND id > %(after)s
-ORDER BY id
+-- Idle: nothing written under the session since the cutoff (schema.sql's session_activity),
+-- not only its last_active (pane and scrollback writes do not raise that).
+SELECT s.id
+FROM sessions s JOIN session_activity a ON a.id = s.id
+WHERE s.last_active < %(cutoff)s AND s.updated_at < %(cutoff)s AND a.active_at < %(cutoff)s
+  AND s.id > %(after)s
+ORDER BY s.id
 LIMIT %(limit)s;
 
 -- name: lock_sessions
@@ -27,9 +30,9 @@ SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%(keys)s::bigint[]) WITH ORDI
 -- re-delivery of any of them stays dead, while a new write of a terminal that still holds
 -- the session (a higher version) brings it back, as it should.
 WITH doomed AS (
-    SELECT id, name, last_active
-    FROM sessions
-    WHERE id = ANY(%(ids)s) AND last_active < %(cutoff)s
+    SELECT s.id, s.name, s.last_active
+    FROM sessions s JOIN session_activity a ON a.id = s.id
+    WHERE s.id = ANY(%(ids)s) AND s.last_active < %(cutoff)s AND a.active_at < %(cutoff)s
 ),
 marks AS (
     SELECT d.id, greatest(
@@ -62,18 +65,20 @@ SELECT
     (SELECT count(*) FROM tombs) AS tombstones_written;
 
 -- name: plan_sessions
+WITH idle AS (
+    SELECT s.id, s.name, s.last_active
+    FROM sessions s JOIN session_activity a ON a.id = s.id
+    WHERE s.last_active < %(cutoff)s AND s.updated_at < %(cutoff)s AND a.active_at < %(cutoff)s
+)
 SELECT
     coalesce((SELECT json_agg(json_build_object('id', id, 'name', name, 'last_active', last_active)
                               ORDER BY last_active, id)
-              FROM sessions WHERE last_active < %(cutoff)s), '[]'::json) AS sessions,
-    (SELECT count(*) FROM tabs x JOIN sessions s ON s.id = x.session_id
-     WHERE s.last_active < %(cutoff)s) AS tabs,
-    (SELECT count(*) FROM panes x JOIN sessions s ON s.id = x.session_id
-     WHERE s.last_active < %(cutoff)s) AS panes,
-    (SELECT count(*) FROM pane_history x JOIN sessions s ON s.id = x.session_id
-     WHERE s.last_active < %(cutoff)s) AS history_chunks,
-    (SELECT coalesce(sum(x.raw_size), 0) FROM pane_history x JOIN sessions s ON s.id = x.session_id
-     WHERE s.last_active < %(cutoff)s) AS history_bytes;
+              FROM idle), '[]'::json) AS sessions,
+    (SELECT count(*) FROM tabs x JOIN idle s ON s.id = x.session_id) AS tabs,
+    (SELECT count(*) FROM panes x JOIN idle s ON s.id = x.session_id) AS panes,
+    (SELECT count(*) FROM pane_history x JOIN idle s ON s.id = x.session_id) AS history_chunks,
+    (SELECT coalesce(sum(x.raw_size), 0) FROM pane_history x JOIN idle s ON s.id = x.session_id)
+        AS history_bytes;
 
 -- name: orphan_session_ids
 -- Rows whose parent never arrived (a tab without its session, a pane without its tab or
@@ -132,14 +137,14 @@ SELECT
      WHERE x.updated_at < %(cutoff)s
        AND (NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = x.session_id)
             OR NOT EXISTS (SELECT 1 FROM tabs t WHERE t.id = x.tab_id))
-       AND NOT EXISTS (SELECT 1 FROM sessions s
-                       WHERE s.id = x.session_id AND s.last_active < %(cutoff)s)) AS panes,
+       AND NOT EXISTS (SELECT 1 FROM session_activity s
+                       WHERE s.id = x.session_id AND s.active_at < %(cutoff)s)) AS panes,
     (SELECT count(*) FROM pane_history x
      WHERE x.created_at < %(cutoff)s
        AND (NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = x.session_id)
             OR NOT EXISTS (SELECT 1 FROM panes p WHERE p.id = x.pane_id))
-       AND NOT EXISTS (SELECT 1 FROM sessions s
-                       WHERE s.id = x.session_id AND s.last_active < %(cutoff)s)) AS history_chunks;
+       AND NOT EXISTS (SELECT 1 FROM session_activity s
+                       WHERE s.id = x.session_id AND s.active_at < %(cutoff)s)) AS history_chunks;
 
 -- name: purge_tombstones
 -- Past this age a tombstone no longer guards against anything still in flight (keep the

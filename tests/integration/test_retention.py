@@ -18,7 +18,7 @@ from perth_pipeline.retention import run_cleanup
 from perth_pipeline.settings import Settings
 from workers.applier import Applier
 
-from ..helpers import now, pane, run_cli, session, settle, tab, wait_for
+from ..helpers import age_sessions, now, pane, run_cli, session, settle, tab, wait_for
 
 DAY = 86400.0
 _COUNTS = (
@@ -49,6 +49,8 @@ def aged(settings: Settings, pg: psycopg.Connection[Any]) -> dict[str, Any]:
             )
         manager.append_pane_history(PaneHistoryChunk(pane_id=fresh_pane.id, chunk_index=0, content=b"fresh"))
         settle(manager, settings)
+    age_sessions(pg, [old.id], 40 * DAY)
+    age_sessions(pg, [fresh.id], DAY)
     orphans = {"old_tab": uuid.uuid4(), "young_tab": uuid.uuid4(), "old_pane": uuid.uuid4()}
     pg.execute(
         "INSERT INTO tabs (id, session_id, position, name, version, origin, updated_at) VALUES "
@@ -208,6 +210,7 @@ def test_cleanup_works_through_many_sessions_a_chunk_at_a_time(
             manager.create_session(s)
             manager.create_tab(tab(s.id))
         settle(manager, settings)
+    age_sessions(pg, [s.id for s in stale], 10 * DAY)
     with psycopg.connect(database_url, autocommit=True) as conn:
         report = run_cleanup(conn, older_than=5 * DAY, tombstone_retention=30 * DAY, chunk=2)
     assert sorted(s["id"] for s in report.sessions) == sorted(str(s.id) for s in stale)
@@ -223,3 +226,30 @@ def test_cleanup_refuses_a_missing_or_bad_duration(settings: Settings, args: lis
     result = run_cli(settings, *args)
     assert result.returncode == 2
     assert "--older-than" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_session_written_under_for_a_month_without_touches_is_not_idle(
+    settings: Settings, pg: psycopg.Connection[Any], database_url: str
+) -> None:
+    # the terminal never calls touch_session: last_active stays where the session was created,
+    # but its panes and scrollback keep changing, which the cleanup must read as activity
+    busy, idle = session("busy", last_active=now(-40 * DAY)), session("idle", last_active=now(-40 * DAY))
+    busy_tab, idle_tab = tab(busy.id), tab(idle.id)
+    busy_pane = pane(busy_tab.id, 1)
+    with PersistenceManager(settings=settings) as manager:
+        for s, t in ((busy, busy_tab), (idle, idle_tab)):
+            manager.create_session(s)
+            manager.create_tab(t)
+        manager.create_pane(busy_pane)
+        settle(manager, settings)
+        age_sessions(pg, [busy.id, idle.id], 40 * DAY)
+        manager.update_pane(busy_pane.model_copy(update={"title": "still typing"}))
+        manager.append_pane_history(PaneHistoryChunk(pane_id=busy_pane.id, chunk_index=0, content=b"$ "))
+        settle(manager, settings)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        report = run_cleanup(conn, older_than=30 * DAY, tombstone_retention=30 * DAY)
+    assert [s["id"] for s in report.sessions] == [str(idle.id)]
+    assert pg.execute("SELECT title FROM panes WHERE id = %s", (busy_pane.id,)).fetchone() == (
+        "still typing",
+    )
+    assert pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (busy.id,)).fetchone() == (1,)

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 from rq.job import Job
 from rq.registry import FailedJobRegistry
@@ -22,7 +23,7 @@ from perth_pipeline.broker import make_queue
 from perth_pipeline.scheduler import CLEANUP_FUNCTION, Scheduler
 from perth_pipeline.settings import Settings
 
-from ..helpers import drain, now, session, settle, tab, wait_for
+from ..helpers import age_sessions, drain, now, session, settle, tab, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR, DAY = 3600.0, 86400.0
@@ -101,6 +102,8 @@ def test_the_cleanup_job_runs_on_our_workers_and_removes_old_sessions(
             manager.create_session(s)
             manager.create_tab(tab(s.id))
         settle(manager, settings)
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        age_sessions(conn, [old.id], 40 * DAY)
     job_id = _scheduler(settings, rconn).tick()
     assert job_id is not None
     assert drain(settings)
