@@ -577,9 +577,7 @@ def run_chaos(chaos: Chaos, redis_url: str, pg_server: ThrowawayPostgres, folder
 
         assert not failed, f"{len(failed)} batches in the failed registry"
         for s in stats:
-            assert (
-                s["dropped_entities"] == s["dropped_chunks"] == s["unrouted"] == s["refused_jobs"] == 0
-            ), s
+            assert s["dropped_entities"] == s["dropped_chunks"] == s["unrouted"] == s["refused_jobs"] == 0, s
         assert report.locked_kill.get("in_transaction") and report.locked_kill.get("backend_gone")
         assert report.kills >= 3 and report.restarts == 1
 
