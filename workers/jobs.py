@@ -132,12 +132,14 @@ def parse_batch(payload: Any) -> tuple[Batch, list[Any], list[str]]:
             valid.append(_OP_ADAPTER.validate_python(raw))
         except ValidationError as exc:
             rejected.extend(_reasons(exc, f"ops[{index}]."))
+    if not valid:
+        # (before the envelope is validated with its operations: with none, that would only say
+        # that ops[0] is not an operation, not what is wrong with it)
+        raise PoisonBatch(f"none of the {len(envelope.ops)} operations is valid: " + "; ".join(rejected[:5]))
     try:
-        batch = BATCH_ADAPTER.validate_python({**payload, "ops": valid or [None]})
+        batch = BATCH_ADAPTER.validate_python({**payload, "ops": valid})
     except ValidationError as exc:
         raise PoisonBatch("invalid batch envelope: " + "; ".join(_reasons(exc)[:5])) from None
-    if not valid:
-        raise PoisonBatch(f"none of the {len(envelope.ops)} operations is valid: " + "; ".join(rejected[:5]))
     return batch, valid, rejected
 
 

@@ -59,11 +59,17 @@ class PerthJob(PackedJob):
     """A job that is vetted before it runs; its function is resolved through the allowlist only."""
 
     _oversize: int | None = None
+    _malformed: str | None = None
 
     def restore(self, raw_data: Any) -> None:
         # RQ decompresses job data without a bound: a small zlib bomb would take the worker down.
         # The data is decompressed here, once and bounded; RQ is handed a placeholder to restore.
-        self._oversize = None
+        self._oversize = self._malformed = None
+        if raw_data and b"data" not in raw_data and "data" not in raw_data:
+            # RQ takes a job hash without data for a job that does not exist, and its dequeue drops
+            # the id silently: the job would stay "queued" forever, in no registry. Refused instead.
+            self._malformed = "the job hash has no 'data' field (not a job of RQ's format)"
+            raw_data = {**raw_data, b"data": _PLACEHOLDER}
         key: Any = b"data" if b"data" in raw_data else "data"
         data = raw_data.get(key)
         if not isinstance(data, bytes):
@@ -88,6 +94,8 @@ class PerthJob(PackedJob):
 
     def refusal(self) -> str | None:
         """Why this worker will not run the job, or None. Nothing of the job is imported or run."""
+        if self._malformed is not None:
+            return self._malformed
         if self._oversize is not None:
             return f"job data is over the limit of {MAX_JOB_BYTES} bytes ({self._oversize}+): not read"
         try:

@@ -313,3 +313,40 @@ def test_an_abandoned_job_with_a_callback_does_not_break_maintenance(
     assert registry.get_job_ids() == []
     assert module not in sys.modules and not marker.exists()
     harness.assert_kept_working(valid, sid)
+
+
+def test_a_job_hash_without_data_is_refused_not_lost(harness: Harness) -> None:
+    # written by hand (or by a producer in another language that got the format wrong): RQ would
+    # take it for a job that does not exist and drop its id, leaving it "queued" in no registry
+    job_id = f"no-data-{uuid.uuid4().hex[:8]}"
+    harness.redis.hset(
+        Job.key_for(job_id),
+        mapping={"status": "queued", "origin": harness.settings.queue, "description": "x"},
+    )
+    harness.redis.rpush(harness.queue.key, job_id)
+    harness.redis.sadd("rq:queues", harness.queue.key)
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    poison = PerthJob(job_id, connection=harness.redis, serializer=JSONSerializer)
+    harness.assert_refused(poison, "no 'data' field")
+    harness.assert_kept_working(valid, sid)
+
+
+def test_a_batch_of_only_invalid_operations_is_refused_naming_their_fields(harness: Harness) -> None:
+    record = tab(uuid.uuid4()).model_dump(mode="json")
+    payload = {
+        "format": FORMAT_VERSION,
+        "id": str(uuid.uuid4()),
+        "origin": "poison-test",
+        "created_at": now().isoformat(),
+        "ops": [
+            {"op": "tab.upsert", "version": 1, "record": {**record, "position": -1}},
+            {"op": "tab.upsert", "version": 1, "record": {**record, "name": ""}},
+        ],
+    }
+    poison = harness.enqueue(args=(payload,))
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    reason = harness.assert_refused(poison, "none of the 2 operations is valid", "position", "name")
+    assert "valid dictionary" not in reason and "ops[0]" in reason and "ops[1]" in reason
+    harness.assert_kept_working(valid, sid)
