@@ -9,6 +9,7 @@ from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceErr
 from .producer import PersistenceManager
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
+from .signals import install_signal_handlers
 
 __all__ = [
     "DatabaseUnavailable",
@@ -24,6 +25,7 @@ __all__ = [
     "Settings",
     "TabRecord",
     "TemplateRecord",
+    "install_signal_handlers",
 ]
 
 __version__ = "0.1.0"

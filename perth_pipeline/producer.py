@@ -51,7 +51,7 @@ from .settings import Settings
 from .store import Store
 from .validation import verify_template_name
 
-__all__ = ["PersistenceManager"]
+__all__ = ["PersistenceManager", "close_all"]
 
 logger = logging.getLogger("perth_pipeline.producer")
 
@@ -76,9 +76,19 @@ _REDIS_ERRORS = (redis.RedisError, OSError)
 _managers: weakref.WeakSet[PersistenceManager] = weakref.WeakSet()
 
 
-def _close_all_at_exit() -> None:
+def close_all(timeout: float = 5.0) -> None:
+    """Close every manager of this process that is not closed yet, within ``timeout`` in all.
+
+    What ``atexit`` runs (and :func:`perth_pipeline.install_signal_handlers` on a signal): each
+    sends what it holds to the queue, as :meth:`PersistenceManager.close` does.
+    """
+    deadline = time.monotonic() + timeout
     for manager in list(_managers):
-        manager.close(timeout=2.0)
+        manager.close(timeout=max(0.1, deadline - time.monotonic()))
+
+
+def _close_all_at_exit() -> None:
+    close_all(timeout=2.0 * max(1, len(_managers)))
 
 
 atexit.register(_close_all_at_exit)
