@@ -91,6 +91,10 @@ class Chaos:
     workers: int = 3
     kill_every: tuple[float, float] = (2.0, 5.0)
     replay_every: float = 0.25  # seconds between two replays of an already applied batch
+    # How often a producer writes a pane under a tab it does not hold, or deletes such a tab (as
+    # two terminals sharing a session do): it does not know their session, and must learn it
+    # from the database, however late the other's batches arrive.
+    share: float = 0.0
 
 
 # --- the workload ------------------------------------------------------------------------------------
@@ -134,6 +138,7 @@ class Workload:
     sessions: set[UUID] = field(default_factory=set)
     created: dict[UUID, datetime] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    sharing: float = 0.0
 
     def own_sessions(self) -> list[UUID]:
         return [s for n, s in enumerate(self.universe.sessions) if n % self.producers == self.index]
@@ -200,17 +205,24 @@ class Workload:
         return True
 
     def _tab_delete(self) -> bool:
-        if not self.tabs:
+        if self.share():
+            tid = self.rng.choice(sorted(self.universe.tab_session))  # perhaps another's
+        elif not self.tabs:
             return False
-        tid = self.rng.choice(sorted(self.tabs))
+        else:
+            tid = self.rng.choice(sorted(self.tabs))
         self.manager.delete_tab(tid)
         self.record(TabDelete(version=self.version(), id=tid, session_id=self.universe.tab_session[tid]))
         self.tabs.discard(tid)
         self.panes = {p for p in self.panes if self.universe.pane_tab[p] != tid}
         return True
 
+    def share(self) -> bool:
+        return self.rng.random() < self.sharing
+
     def _pane(self) -> bool:
-        choices = sorted(p for p, t in self.universe.pane_tab.items() if t in self.tabs)
+        shared = self.share()  # under any tab, perhaps one only another terminal holds
+        choices = sorted(p for p, t in self.universe.pane_tab.items() if shared or t in self.tabs)
         if not choices:
             return False
         pid = self.rng.choice(choices)
@@ -290,7 +302,7 @@ def run_producer(
     try:
         workload = Workload(
             Universe.make(chaos), index, chaos.producers, random.Random(chaos.seed * 1009 + index), manager,
-            lambda op: writes.append(Write(manager.origin, op)),
+            lambda op: writes.append(Write(manager.origin, op)), sharing=chaos.share,
         )  # fmt: skip
         start = time.monotonic()
         pace = chaos.duration / chaos.ops_per_producer
@@ -660,6 +672,17 @@ def seed() -> int:
 @pytest.mark.timeout(400)
 def test_chaos_matches_the_model(redis_url: str, throwaway_pg: ThrowawayPostgres, tmp_path: Path) -> None:
     run_chaos(Chaos(seed=seed()), redis_url, throwaway_pg, tmp_path)
+
+
+@pytest.mark.timeout(400)
+def test_chaos_with_two_terminals_writing_each_others_tabs(
+    redis_url: str, throwaway_pg: ThrowawayPostgres, tmp_path: Path
+) -> None:
+    # one terminal adds panes under the other's tabs and deletes them; workers die twice as often
+    chaos = Chaos(
+        seed=seed() + 1, producers=2, ops_per_producer=800, duration=25.0, kill_every=(1.0, 2.5), share=0.5
+    )
+    run_chaos(chaos, redis_url, throwaway_pg, tmp_path)
 
 
 @pytest.mark.slow
