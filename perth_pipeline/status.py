@@ -43,6 +43,7 @@ _PRODUCER_SUMMARY = (
     "dropped_entities",
     "dropped_chunks",
     "resynced",
+    "unrouted",  # writes waiting for their session to be known (a backlog of another's batches)
 )
 
 
