@@ -198,6 +198,12 @@ class _Cleanup:
         return _retrying(name, step)
 
 
+#: The shortest retention a queued cleanup job may ask for. Anyone who can write to Redis can
+#: enqueue a job the workers run: without a floor, ``older_than=0.001`` would remove every
+#: session. An operator who means less runs ``perth-pipeline cleanup`` directly (not a job).
+MIN_JOB_RETENTION = 3600.0
+
+
 def run_cleanup(
     conn: psycopg.Connection[Any],
     *,

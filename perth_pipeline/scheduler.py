@@ -31,6 +31,7 @@ import redis
 from rq.job import Job
 
 from .broker import LIVE_STATUSES, Keys, make_queue, make_redis
+from .retention import MIN_JOB_RETENTION
 from .settings import Settings, parse_duration
 
 __all__ = ["CLEANUP_FUNCTION", "Scheduler", "scheduler_command"]
@@ -85,6 +86,8 @@ class Scheduler:
     ) -> None:
         if every <= 0 or older_than <= 0:
             raise ValueError("the schedule and the retention must be positive durations")
+        if older_than < MIN_JOB_RETENTION or (tombstone_retention or MIN_JOB_RETENTION) < MIN_JOB_RETENTION:
+            raise ValueError(f"a cleanup job keeps at least {MIN_JOB_RETENTION / 3600:g} hour of data")
         self.settings = settings
         self.redis = connection
         self.every = every
@@ -230,6 +233,11 @@ def scheduler_command(ctx: click.Context, every: str, older_than: str, tick: flo
     from .cli import fail
 
     every_s, older_s = _seconds(every, "--every"), _seconds(older_than, "--older-than")
+    if older_s < MIN_JOB_RETENTION:
+        raise click.BadParameter(
+            f"is {older_than}; the scheduled cleanup keeps at least 1h (the workers refuse less)",
+            param_hint="--older-than",
+        )
     settings: Settings = ctx.obj.backends(ctx)
     connection = make_redis(settings.redis_url or "", connect_timeout=2.0, socket_timeout=5.0)
     scheduler = Scheduler(

@@ -14,7 +14,7 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from perth_pipeline.errors import DatabaseUnavailable
-from perth_pipeline.retention import run_cleanup
+from perth_pipeline.retention import MIN_JOB_RETENTION, run_cleanup
 
 __all__ = ["CleanupOptions", "cleanup"]
 
@@ -29,9 +29,9 @@ class CleanupOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    older_than: float = Field(gt=0)
+    older_than: float = Field(ge=MIN_JOB_RETENTION)
     #: default: the worker's PERTH_TOMBSTONE_RETENTION
-    tombstone_retention: float | None = Field(default=None, gt=0)
+    tombstone_retention: float | None = Field(default=None, ge=MIN_JOB_RETENTION)
     dry_run: bool = False
 
 

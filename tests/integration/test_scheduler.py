@@ -182,3 +182,27 @@ def test_the_procfile_runs_the_scheduler() -> None:
 
     processes = parse_procfile((ROOT / "Procfile").read_text(encoding="utf-8")).processes
     assert processes.get("scheduler") == "perth-pipeline scheduler"
+
+
+def test_a_queued_cleanup_job_cannot_ask_to_remove_everything(
+    settings: Settings, rconn: redis.Redis, pg: psycopg.Connection[Any]
+) -> None:
+    # anyone who can write to Redis can enqueue a job: older_than=0.001 would remove every session
+    with PersistenceManager(settings=settings) as manager:
+        s = session("in use")
+        manager.create_session(s)
+        settle(manager, settings)
+    queue = make_queue(settings.queue, rconn)
+    job = queue.enqueue(CLEANUP_FUNCTION, {"older_than": 0.001})
+    drain(settings)
+    assert job.id in FailedJobRegistry(queue=queue).get_job_ids()
+    reason = Job.fetch(job.id, connection=rconn, serializer=JSONSerializer).meta.get("perth_refused", "")
+    assert "older_than" in reason
+    assert pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (s.id,)).fetchone() == (1,)
+
+
+def test_the_scheduler_refuses_a_retention_below_an_hour(settings: Settings) -> None:
+    args = [sys.executable, "-m", "perth_pipeline.cli", "scheduler", "--once", "--older-than", "30m"]
+    result = subprocess.run(args, check=False, env=_env(settings), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--older-than" in result.stderr and "1h" in result.stderr and "Traceback" not in result.stderr
