@@ -155,7 +155,13 @@ class _LazyGroup(click.Group):
     metavar="SESSION_ID",
     help="Print a stored session (the same as `restore SESSION_ID`).",
 )
-@click.option("--log-level", default="INFO", show_default=True, envvar="PERTH_LOG_LEVEL")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    envvar="PERTH_LOG_LEVEL",
+)
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
@@ -282,7 +288,9 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS.")
+@click.option(
+    "--watch", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS", help="Refresh every SECONDS."
+)
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
     """Queue depth, lag, jobs, workers, backend health. Exit 1 if unhealthy."""

@@ -72,6 +72,8 @@ def _read_batch(data: bytes | None) -> tuple[dict[str, Any] | None, str]:
         return None, "its data is over 64 MiB"
     try:
         func, instance, args, kwargs = json.loads(raw)
+    except RecursionError:
+        return None, "its data is JSON nested too deeply to be a batch"
     except (ValueError, TypeError):
         return None, "its data is not JSON in RQ's job format"
     if func != JOB_FUNCTION:
@@ -89,7 +91,7 @@ def _refusal(meta: bytes | None) -> str | None:
         return None
     try:
         value = json.loads(meta)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     reason = value.get("perth_refused") if isinstance(value, dict) else None
     return str(reason) if reason else None

@@ -47,6 +47,8 @@ def load_definition(text: str, fmt: str = "auto", *, source: str = "") -> dict[s
         return kdl_to_definition(text)
     try:
         definition = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (a template is at most 128 levels deep)") from None
     except ValueError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(definition, dict):

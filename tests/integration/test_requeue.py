@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
+import zlib
 from typing import Any
 
 import psycopg
@@ -162,3 +163,14 @@ def test_an_unreachable_redis_is_one_clear_line_without_the_password(settings: S
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "Redis unreachable" in result.stderr and "Traceback" not in result.stderr
     assert "hunter2-secret" not in result.stderr + result.stdout
+
+
+def test_a_deeply_nested_job_in_the_failed_registry_is_skipped_not_a_crash(
+    settings: Settings, failed: Failed, rconn: redis.Redis
+) -> None:
+    job = failed.add(JOB_FUNCTION, [{}])
+    rconn.hset(Job.key_for(job.id), "data", zlib.compress(b"[" * 200_000 + b"]" * 200_000))
+    result = cli(settings)
+    assert result.returncode in (0, 1), result.stderr
+    assert "Traceback" not in result.stderr and "RecursionError" not in result.stderr
+    assert "nested too deeply" in result.stdout + result.stderr
