@@ -34,6 +34,7 @@ from pydantic import (
     TypeAdapter,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -365,6 +366,41 @@ class HistoryAppend(_Op):
     encoding: Literal["identity", "zstd"] = "identity"
     raw_size: Annotated[int, Field(ge=0, le=MAX_CHUNK_BYTES)]
     content: Annotated[Base64Bytes, Field(max_length=MAX_CHUNK_BYTES + 1024)]
+
+    @model_validator(mode="after")
+    def _inflates_to_raw_size(self) -> HistoryAppend:
+        # a crafted chunk (a 2 KB zstd frame that declares 64 MiB) must not be stored: a restore
+        # would have to inflate it
+        inflate_chunk(self.content, self.encoding, self.raw_size)
+        return self
+
+
+def inflate_chunk(content: bytes, encoding: str, raw_size: int) -> bytes:
+    """A chunk's bytes as written, from ``content`` as stored; ``ValueError`` unless exactly ``raw_size``.
+
+    Never inflates more than ``raw_size`` + 1 bytes, whatever the frame declares (zstandard's own
+    ``max_output_size`` is ignored when a frame states its size). The one decompressor of chunks,
+    for the workers (who refuse a chunk that does not inflate to its size) and the reads.
+    """
+    if encoding == "identity":
+        if len(content) != raw_size:
+            raise ValueError(f"holds {len(content)} bytes, not its raw_size {raw_size}")
+        return content
+    if encoding != "zstd":
+        raise ValueError(f"unknown encoding {encoding!r}")
+    import io
+
+    import zstandard
+
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(content)) as reader:
+            plain = reader.read(raw_size + 1)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"is not a valid zstd frame ({exc})") from None
+    if len(plain) != raw_size:
+        more = "+" if len(plain) > raw_size else ""
+        raise ValueError(f"inflates to {len(plain)}{more} bytes, not its raw_size {raw_size}")
+    return plain
 
 
 class TemplateUpsert(_Op):

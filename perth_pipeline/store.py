@@ -17,12 +17,11 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
-import zstandard
 from psycopg.rows import dict_row
 
 from .errors import DatabaseUnavailable, PersistenceError
 from .queries import load_queries, schema_sql
-from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
+from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord, inflate_chunk
 from .settings import mask_url
 
 __all__ = ["Routes", "Store", "connect", "wrap_errors"]
@@ -74,7 +73,6 @@ class Store:
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         self._q = load_queries("reads.sql")
-        self._zstd = zstandard.ZstdDecompressor()
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -159,10 +157,19 @@ class Store:
         return b"".join(self._content(row) for row in self._all("pane_history", pane_id=pane_id))
 
     def _content(self, row: dict[str, Any]) -> bytes:
-        content = bytes(row["content"])
-        if row["encoding"] == "zstd":
-            content = self._zstd.decompress(content, max_output_size=max(row["raw_size"], 1))
-        return content
+        try:
+            return inflate_chunk(bytes(row["content"]), row["encoding"], row["raw_size"])
+        except ValueError as exc:
+            # one corrupt chunk (stored before the workers checked, or altered since) is a gap,
+            # not a session that can never be restored again
+            logger.warning(
+                "scrollback chunk %s of pane %s is unreadable (%s); restored without it",
+                row.get("chunk_index"),
+                row.get("pane_id"),
+                exc,
+                extra={"pane_id": str(row.get("pane_id")), "chunk_index": row.get("chunk_index")},
+            )
+            return b""
 
     def session_tree(self, session_id: UUID, *, with_history: bool) -> tuple[SessionTree, int] | None:
         """The session, its tabs, their panes (and scrollback) in one snapshot; with the highest version.
