@@ -36,11 +36,13 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneRecord, PersistenceManager
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import Store
 
+from .naive import FUNCTION as NAIVE_FUNCTION
 from .naive import naive_row
 from .servers import ThrowawayPostgres, ThrowawayRedis
 from .stats import percentiles, ratio
@@ -152,7 +154,7 @@ def _naive_calls(
 ) -> dict[str, Any]:
     """``Queue.enqueue`` per call, on a client with redis-py's defaults (as a naive producer has it)."""
     client = redis.Redis.from_url(url)
-    q = Queue(queue, connection=client)
+    q = Queue(queue, connection=client, serializer=JSONSerializer)  # never pickle (see benchmarks.naive)
     samples: list[int] = []
     errors = 0
     started = time.monotonic()
@@ -160,7 +162,7 @@ def _naive_calls(
         for row in rows[:limit]:
             t0 = time.perf_counter_ns()
             try:
-                q.enqueue("benchmarks.naive.upsert_pane", row)
+                q.enqueue(NAIVE_FUNCTION, row)
             except redis.RedisError:
                 errors += 1
             samples.append(time.perf_counter_ns() - t0)

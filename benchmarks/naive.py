@@ -1,10 +1,15 @@
 """The naive design the pipeline replaces: one RQ job per operation, one statement per row.
 
-``upsert_pane`` is the job (stock RQ: pickle, no allowlist); ``python -m
-benchmarks.naive QUEUE`` runs a stock ``rq.SimpleWorker`` on it, with
-``REDIS_URL`` and ``DATABASE_URL`` from the environment. The worker process
-keeps one connection (the naive design at its most generous: no connection per
-job).
+``upsert_pane`` is the job; ``python -m benchmarks.naive QUEUE`` runs a stock
+``rq.SimpleWorker`` on it, with ``REDIS_URL`` and ``DATABASE_URL`` from the environment.
+The worker process keeps one connection (the naive design at its most generous: no
+connection per job).
+
+The benchmark may run against the user's own Redis (``REDIS_URL``): a stock worker there
+would unpickle, import and call whatever anyone who can write to that Redis puts on its
+queue. So the naive jobs are JSON (``JSONSerializer``, never pickle), on a queue of the
+benchmark's own, and the worker runs this one function and refuses any other by name,
+before anything is imported (:class:`OnlyUpsertPane`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,26 @@ from uuid import UUID
 import psycopg
 import redis
 from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneRecord
 
 from .backends import queries
 
-__all__ = ["naive_row", "upsert_pane"]
+__all__ = ["FUNCTION", "OnlyUpsertPane", "naive_row", "upsert_pane"]
+
+FUNCTION = "benchmarks.naive.upsert_pane"
+
+
+class OnlyUpsertPane(Job):
+    """The naive worker's jobs: :func:`upsert_pane`, and nothing else, is ever imported or run."""
+
+    @property
+    def func(self) -> Any:
+        if self.func_name != FUNCTION:
+            raise ValueError(f"the naive benchmark worker runs only {FUNCTION}, not {self.func_name!r}")
+        return upsert_pane
 
 
 def naive_row(pane: PaneRecord, session_id: UUID, version: int) -> dict[str, Any]:
@@ -45,7 +64,8 @@ def upsert_pane(row: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     connection = redis.Redis.from_url(os.environ["REDIS_URL"])
-    worker = SimpleWorker([Queue(argv[0], connection=connection)], connection=connection)
+    queue = Queue(argv[0], connection=connection, serializer=JSONSerializer, job_class=OnlyUpsertPane)
+    worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer, job_class=OnlyUpsertPane)
     worker.work(logging_level="WARNING")
     return 0
 

@@ -22,11 +22,13 @@ from typing import Any
 import psycopg
 import redis
 from rq import Queue
+from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneRecord, PersistenceManager
 from perth_pipeline.settings import Settings
 
 from .backends import WorkerPool, count_rows, drop_queue, queries, settings_for, truncate, unique_queue
+from .naive import FUNCTION as NAIVE_FUNCTION
 from .naive import naive_row
 from .workload import Tree
 
@@ -167,7 +169,7 @@ def run_ceiling(database_url: str, tree: Tree) -> dict[str, Any]:
 
 
 def run_naive(base: Settings, tree: Tree, sample: int, log_dir: Path) -> dict[str, Any]:
-    """One RQ job per pane (pickle, stock ``SimpleWorker``), one statement per row, on ``sample`` panes."""
+    """One RQ job per pane (stock ``SimpleWorker``, JSON), one statement per row, on ``sample`` panes."""
     database_url = base.database_url or ""
     truncate(database_url)
     settings = settings_for(base, unique_queue("naive"))
@@ -177,10 +179,10 @@ def run_naive(base: Settings, tree: Tree, sample: int, log_dir: Path) -> dict[st
     client = redis.Redis.from_url(settings.redis_url or "")
     try:
         with WorkerPool(settings, 1, log_dir=log_dir, command=command):
-            queue = Queue(settings.queue, connection=client)
+            queue = Queue(settings.queue, connection=client, serializer=JSONSerializer)
             started = time.perf_counter()
             for row in rows:
-                queue.enqueue("benchmarks.naive.upsert_pane", row)
+                queue.enqueue(NAIVE_FUNCTION, row)
             enqueued = time.perf_counter()
             _wait_for_count(database_url, len(rows), timeout=max(120.0, sample * 0.1))
             elapsed = time.perf_counter() - started
