@@ -54,6 +54,10 @@ __all__ = ["MAX_JOB_BYTES", "PerthJob", "PerthWorker", "UnknownJobFunction"]
 logger = logging.getLogger("workers.worker")
 
 
+#: How often the worker's command-channel thread wakes (RQ: 60 s; see PerthWorker.subscribe).
+_PUBSUB_WAKE = 1.0
+
+
 class PerthWorker(SimpleWorker):
     job_class = PerthJob
 
@@ -232,6 +236,18 @@ class PerthWorker(SimpleWorker):
             _interruptible_sleep(self, delay)
             delay = min(delay * 2, 10.0)
         return True
+
+    def subscribe(self) -> None:
+        # RQ's own (rq/worker/base.py, checked against RQ 2.12 and redis-py 8.2): the same channel
+        # and handler, but its listening thread wakes every second instead of every 60. redis-py
+        # 8.2's PubSubWorkerThread.stop() waits for the thread, which, once unsubscribed, sleeps
+        # out its whole interval: every worker's stop (a burst worker's end, a SIGTERM) took a minute.
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=_PUBSUB_WAKE, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def teardown(self) -> None:
         try:
