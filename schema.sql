@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_active   timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     version       bigint NOT NULL DEFAULT 0,
-    origin        text NOT NULL DEFAULT ''
+    origin        text NOT NULL DEFAULT '',
+    activity_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS sessions_last_active_idx ON sessions (last_active DESC, id);
 
@@ -129,18 +130,27 @@ CREATE INDEX IF NOT EXISTS template_tombstones_deleted_at_idx ON template_tombst
 ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS session_id uuid;
 ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS tab_id uuid;
 
--- When anything was last written under a session: its own last_active, the apply's updated_at
--- (upserts and touches), and those of its tabs, panes and scrollback. A terminal that writes
--- panes for a month without touching its session is active: the cleanup reads this, not only
--- last_active. (Rows are kept by the apply, so nothing is written to keep it current.)
-CREATE OR REPLACE VIEW session_activity AS
-SELECT s.id, greatest(
-    s.last_active,
+-- Migration 2 (also): sessions.activity_at, when the apply last wrote anything under the session
+-- (the session itself, a touch, its tabs, panes, scrollback, a delete among them), to the minute:
+-- the apply raises it for every session a batch touches (apply.sql, raise_activity).
+-- last_active stays the terminal's own value. The cleanup reads both: a terminal that writes
+-- panes for a month without calling touch_session is active. No index on activity_at: an
+-- indexed column would make every raise a non-HOT update (new index entries in every index).
+-- A database of the first schema gets the column filled once from what its rows say.
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS activity_at timestamptz;
+UPDATE sessions s SET activity_at = greatest(
     s.updated_at,
     (SELECT max(x.updated_at) FROM tabs x WHERE x.session_id = s.id),
     (SELECT max(x.updated_at) FROM panes x WHERE x.session_id = s.id),
     (SELECT max(x.created_at) FROM pane_history x WHERE x.session_id = s.id)
-) AS active_at
+)
+WHERE s.activity_at IS NULL;
+ALTER TABLE sessions ALTER COLUMN activity_at SET DEFAULT now(), ALTER COLUMN activity_at SET NOT NULL;
+
+-- When a session was last active, as the cleanup judges it (idle: before its cutoff): the later
+-- of what the terminal said (last_active) and what was last written under it (activity_at).
+CREATE OR REPLACE VIEW session_activity AS
+SELECT s.id, greatest(s.last_active, s.activity_at) AS active_at
 FROM sessions s;
 
 -- JSONB compresses better with lz4 where the server has it (PostgreSQL 14+ built
@@ -160,5 +170,5 @@ END
 $$;
 
 INSERT INTO schema_migrations (version, description)
-VALUES (1, 'initial schema'), (2, 'tombstones keep their ancestors')
+VALUES (1, 'initial schema'), (2, 'tombstones keep their ancestors; sessions.activity_at')
 ON CONFLICT (version) DO NOTHING;

@@ -108,7 +108,8 @@ class CleanupReport:
             else f"{verb} {_count(len(self.sessions), 'session')}"
         ]
         for s in self.sessions[:max_sessions]:
-            out.append(f"  {s['id']}  {str(s['last_active'])[:19]}  {s['name']}")
+            # the time it was last active: the later of its last_active and its last write
+            out.append(f"  {s['id']}  {str(s.get('active_at') or s['last_active'])[:19]}  {s['name']}")
         if len(self.sessions) > max_sessions:
             out.append(f"  ... and {len(self.sessions) - max_sessions} more")
         if self.sessions:
@@ -165,7 +166,9 @@ class _Cleanup:
     def __init__(self, conn: psycopg.Connection[Any], chunk: int) -> None:
         self.conn = conn
         self.chunk = chunk
-        self.q = load_queries("retention.sql")
+        queries = load_queries("retention.sql")
+        lost = queries["lost_families"]
+        self.q = {name: text.replace("{lost}", lost) for name, text in queries.items()}
 
     def one(self, name: str, **params: Any) -> dict[str, Any]:
         with self.conn.cursor(row_factory=dict_row) as cur:
@@ -226,7 +229,11 @@ def run_cleanup(
         report.sessions = list(plan["sessions"])
         report.tabs, report.panes = plan["tabs"], plan["panes"]
         report.history_chunks, report.history_bytes = plan["history_chunks"], int(plan["history_bytes"])
-        orphans = c.one("plan_orphans", cutoff=cutoff)
+        orphans = {"tabs": 0, "panes": 0, "history_chunks": 0}
+        for ids in c.ids("orphan_session_ids", cutoff):
+            planned = c.one("plan_orphans", ids=ids, cutoff=cutoff)
+            for key in orphans:
+                orphans[key] += planned[key]
         tombs = c.one("plan_tombstones", cutoff=tomb_cutoff)
     else:
         for ids in c.ids("expired_session_ids", cutoff):

@@ -217,12 +217,17 @@ def run_cli(
 def age_sessions(conn: Any, session_ids: Any, seconds: float) -> None:
     """Make every row stored under these sessions look written ``seconds`` ago (as time passing would).
 
-    The cleanup reads when anything was last written under a session (the apply's timestamps),
-    so a test of it ages those, not only ``last_active``.
+    The cleanup reads when anything was last written under a session (``sessions.activity_at``,
+    raised by the apply), so a test of it ages that (and the rows' own timestamps, which the
+    orphan cleanup reads), not only ``last_active``.
     """
     ids = list(session_ids)
     interval = f"{float(seconds)} seconds"
-    conn.execute("UPDATE sessions SET updated_at = now() - %s::interval WHERE id = ANY(%s)", (interval, ids))
+    conn.execute(
+        "UPDATE sessions SET updated_at = now() - %s::interval, activity_at = now() - %s::interval "
+        "WHERE id = ANY(%s)",
+        (interval, interval, ids),
+    )
     conn.execute(
         "UPDATE tabs SET updated_at = now() - %s::interval WHERE session_id = ANY(%s)", (interval, ids)
     )

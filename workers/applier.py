@@ -9,7 +9,9 @@ something, so that a cascade and the ancestor checks of a concurrent batch
 never miss each other; shared where it only upserts, so that batches of one
 session that only write rows apply in parallel (row locks, taken in key order,
 order their writes). Batches of different sessions never wait for each other.
-Deadlocks and serialization failures are retried.
+Deadlocks and serialization failures are retried. Every session the batch
+writes under (or deletes in) counts as active: its ``activity_at``, which the
+cleanup reads, is raised in the same transaction, at most once a minute.
 """
 
 from __future__ import annotations
@@ -286,6 +288,10 @@ class Applier:
             self._run(cur, rows, "sessions", "upsert_sessions")
         if r.touches:
             self._run(cur, rows, "sessions", "apply_touches")
+        if r.session_ids:
+            # not counted in rows: it records when the batch was applied, not what it wrote
+            ids = [UUID(int=value) for value in sorted(r.session_ids)]
+            cur.execute(self._sql["raise_activity"], {"ids": ids})
         if r.tabs:
             self._run(cur, rows, "tabs", "upsert_tabs")
         if r.panes:

@@ -105,16 +105,27 @@ COPY stage_templates (name, id, definition, version, origin) FROM STDIN (FORMAT 
 COPY stage_template_deletes (name, version, origin) FROM STDIN (FORMAT BINARY)
 
 -- name: upsert_tombstones
--- A tombstone keeps the deleted entity's ancestors (a tab's session, a pane's tab and session):
--- a producer that does not hold a deleted tab or pane learns from it where its writes belong.
+-- A tombstone keeps the deleted entity's ancestors (a tab's session, a pane's tab and session, a
+-- session's own id): a producer that does not hold a deleted tab or pane learns from it where its
+-- writes belong. A newer delete replaces the tombstone with its ancestors; an older one (arriving
+-- late, or again) only fills ancestors the tombstone lacks (one written by the cleanup, or
+-- before schema migration 2). An entity's ancestors never change, so either is right.
 INSERT INTO tombstones AS t (id, kind, version, origin, tab_id, session_id)
 SELECT DISTINCT ON (id) id, kind, version, origin, tab_id, session_id
 FROM stage_deletes
 ORDER BY id, version DESC, origin DESC
-ON CONFLICT (id) DO UPDATE
-SET kind = EXCLUDED.kind, version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now(),
-    tab_id = EXCLUDED.tab_id, session_id = EXCLUDED.session_id
-WHERE (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin);
+ON CONFLICT (id) DO UPDATE SET
+    kind = CASE WHEN (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin) THEN EXCLUDED.kind ELSE t.kind END,
+    deleted_at = CASE WHEN (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin)
+                      THEN now() ELSE t.deleted_at END,
+    tab_id = coalesce(EXCLUDED.tab_id, t.tab_id),
+    session_id = coalesce(EXCLUDED.session_id, t.session_id),
+    origin = CASE WHEN (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin)
+                  THEN EXCLUDED.origin ELSE t.origin END,
+    version = GREATEST(t.version, EXCLUDED.version)
+WHERE (t.version, t.origin) < (EXCLUDED.version, EXCLUDED.origin)
+   OR (t.session_id IS NULL AND EXCLUDED.session_id IS NOT NULL)
+   OR (t.tab_id IS NULL AND EXCLUDED.tab_id IS NOT NULL);
 
 -- name: delete_sessions
 DELETE FROM sessions x USING stage_deletes d
@@ -181,6 +192,19 @@ UPDATE sessions x
 SET last_active = s.last_active, updated_at = now()
 FROM (SELECT id, max(last_active) AS last_active FROM stage_touches GROUP BY id ORDER BY id) s
 WHERE x.id = s.id AND x.last_active < s.last_active;
+
+-- name: raise_activity
+-- Every session the batch wrote anything under (upserts, touches, deletes, scrollback) was
+-- active now: the cleanup reads this besides the terminal's last_active. Sessions whose row
+-- is not there yet get now() when it arrives (the column's default). Only a value older than
+-- a minute is raised: the cleanup counts in days, and rewriting the session row on every batch
+-- would add a row version (and its WAL) per batch, and make concurrent batches of one session,
+-- which otherwise share its lock, queue on that row until each commits; this way it happens
+-- once a minute per session at most. Runs with the sessions' own statements, before tabs and
+-- panes, so that every batch takes its row locks kind by kind in one order (ids ascending).
+UPDATE sessions x SET activity_at = now()
+FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
+WHERE x.id = u.id AND x.activity_at < now() - interval '1 minute';
 
 -- name: upsert_tabs
 INSERT INTO tabs AS x (id, session_id, position, name, layout_blob, version, origin)

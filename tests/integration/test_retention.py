@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 from perth_pipeline import NotFound, PaneHistoryChunk, PersistenceManager
 from perth_pipeline.locks import lock_key
-from perth_pipeline.records import Batch, SessionUpsert, TabUpsert
+from perth_pipeline.records import Batch, HistoryAppend, PaneUpsert, SessionUpsert, TabUpsert
 from perth_pipeline.retention import run_cleanup
 from perth_pipeline.settings import Settings
 from workers.applier import Applier
@@ -253,3 +254,84 @@ def test_a_session_written_under_for_a_month_without_touches_is_not_idle(
         "still typing",
     )
     assert pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (busy.id,)).fetchone() == (1,)
+
+
+def test_closing_a_pane_is_activity_and_the_listing_shows_when(
+    settings: Settings, pg: psycopg.Connection[Any], database_url: str
+) -> None:
+    # the only write in 40 days under this session is the terminal closing a pane
+    closing, idle = (
+        session("closing", last_active=now(-40 * DAY)),
+        session("idle", last_active=now(-40 * DAY)),
+    )
+    closing_tab = tab(closing.id)
+    closed = pane(closing_tab.id, 1)
+    with PersistenceManager(settings=settings) as manager:
+        for s in (closing, idle):
+            manager.create_session(s)
+        manager.create_tab(closing_tab)
+        manager.create_pane(closed)
+        settle(manager, settings)
+        age_sessions(pg, [closing.id, idle.id], 40 * DAY)
+        manager.delete_pane(closed.id)
+        settle(manager, settings)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        plan = run_cleanup(conn, older_than=30 * DAY, tombstone_retention=30 * DAY, dry_run=True)
+        report = run_cleanup(conn, older_than=30 * DAY, tombstone_retention=30 * DAY)
+    assert [s["id"] for s in plan.sessions] == [s["id"] for s in report.sessions] == [str(idle.id)]
+    # the listing says when the session was last active: what the cleanup judged by
+    listed = report.sessions[0]
+    assert str(listed["active_at"])[:10] == str(now(-40 * DAY).date())
+    assert pg.execute("SELECT count(*) FROM tabs WHERE session_id = %s", (closing.id,)).fetchone() == (1,)
+    # the cleanup's tombstone of the session names the session, as the apply's do
+    assert pg.execute(
+        "SELECT kind, session_id, tab_id FROM tombstones WHERE id = %s", (idle.id,)
+    ).fetchone() == (
+        "session",
+        idle.id,
+        None,
+    )
+
+
+def _apply(conn: psycopg.Connection[Any], *ops: Any) -> None:
+    Applier().apply(conn, Batch(id=uuid.uuid4(), origin="p", created_at=datetime.now(UTC), ops=list(ops)))
+
+
+def test_orphans_stay_while_their_family_is_still_written(
+    pg: psycopg.Connection[Any], database_url: str
+) -> None:
+    # a session row that has not arrived: its tab was written 40 days ago, its panes all along
+    waiting, lost = session("waiting"), session("lost")
+    waiting_tab, lost_tab = tab(waiting.id), tab(lost.id)
+    waiting_pane, lost_pane = pane(waiting_tab.id, 1), pane(lost_tab.id, 1)
+    # a stored session whose tab never arrived: the pane was created 40 days ago, its scrollback
+    # is appended all along
+    live = session("live")
+    scrolling = pane(uuid.uuid4(), 2)
+    _apply(
+        pg,
+        SessionUpsert(version=1, record=live),
+        TabUpsert(version=1, record=waiting_tab),
+        TabUpsert(version=1, record=lost_tab),
+        PaneUpsert(version=1, session_id=lost.id, record=lost_pane),
+        PaneUpsert(version=1, session_id=live.id, record=scrolling),
+    )
+    for table, column in (("tabs", "updated_at"), ("panes", "updated_at")):
+        pg.execute(f"UPDATE {table} SET {column} = now() - interval '40 days'")
+    _apply(
+        pg,
+        PaneUpsert(version=2, session_id=waiting.id, record=waiting_pane),
+        HistoryAppend(
+            version=2, pane_id=scrolling.id, tab_id=scrolling.tab_id, session_id=live.id, chunk_index=0,
+            raw_size=2, content=base64.b64encode(b"$ "),
+        ),
+    )  # fmt: skip
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        plan = run_cleanup(conn, older_than=30 * DAY, tombstone_retention=30 * DAY, dry_run=True)
+        report = run_cleanup(conn, older_than=30 * DAY, tombstone_retention=30 * DAY)
+    counts = (report.orphan_tabs, report.orphan_panes, report.orphan_history_chunks)
+    assert counts == (plan.orphan_tabs, plan.orphan_panes, plan.orphan_history_chunks) == (1, 1, 0)
+    assert {r[0] for r in pg.execute("SELECT id FROM tabs")} == {waiting_tab.id}
+    assert {r[0] for r in pg.execute("SELECT id FROM panes")} == {waiting_pane.id, scrolling.id}
+    assert pg.execute("SELECT count(*) FROM pane_history").fetchone() == (1,)
+    assert report.sessions == []
