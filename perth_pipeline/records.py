@@ -60,6 +60,7 @@ __all__ = [
     "TemplateRecord",
     "TemplateUpsert",
     "compact_json",
+    "json_int_out_of_range",
     "json_size",
     "json_text",
 ]
@@ -78,21 +79,33 @@ MAX_CHUNK_BYTES = 4 << 20
 MAX_OPS_PER_BATCH = 10_000
 MAX_INT32 = 2**31 - 1
 MAX_VERSION = 2**63 - 1
-#: Integers in JSON fields: what a 64-bit consumer (PostgreSQL's jsonb to bigint, serde_json's
-#: i64/u64, the Rust terminal) reads back exactly. Python would take any size, and fail to encode
-#: past 4,300 digits.
+#: Integers in JSON fields: what every consumer reads back exactly. PostgreSQL's jsonb keeps any
+#: number, but the Rust terminal (serde_json: i64 or u64) and a cast to bigint do not; Python takes
+#: any size and then fails to encode past 4,300 digits. So: from -2^63 (i64) to 2^64-1 (u64).
 MIN_JSON_INT = -(2**63)
 MAX_JSON_INT = 2**64 - 1
-#: Timestamps, as UTC instants: within a day of the ends of Python's datetime range, so that any
-#: reader (a restore in any time zone) can convert one back. Offsets are whole minutes (what ISO
-#: 8601 as written on the wire, and PostgreSQL, keep).
+#: Nesting of JSON fields. The workers parse a whole job with pydantic-core, whose parser stops at
+#: about 250 levels counted from the job's root (a record sits 6 below it): 128 leaves room.
+MAX_JSON_DEPTH = 128
+#: Timestamps, as UTC instants: a day inside Python's datetime range, so that any reader can convert
+#: one back to a datetime in its own time zone (an offset is under a day). PostgreSQL would store
+#: 9999-12-31T22:00-05:00 (10000-01-01 UTC), and every later read of it fail. Offsets are whole
+#: minutes: pydantic-core parses an offset as ``±HH:MM`` only (the workers would refuse
+#: ``+01:00:30``, which ``isoformat()`` writes) and writes one truncated to minutes (the instant
+#: would move by the seconds).
 MIN_TIMESTAMP = datetime(1, 1, 2, tzinfo=UTC)
 MAX_TIMESTAMP = datetime(9999, 12, 30, tzinfo=UTC)
-#: How far ahead of a worker's (or an observing producer's) clock a version may be: a day.
-#: Versions are nanoseconds of a producer's clock; a host more than a day ahead is broken, and
-#: a version past that would win over every honest write for as long as the gap lasts.
+#: How far ahead of a worker's clock a version may be: a day. Versions are nanoseconds of a
+#: producer's clock (see perth_pipeline.clock). Hosts kept by NTP differ by milliseconds, and a day
+#: still accepts the usual misconfigurations (a clock set in local time instead of UTC is at most
+#: 14 hours off) whose writes would otherwise be lost; a version further ahead (a clock set years
+#: ahead, past 2262, or a row written by hand) would win over every honest write for as long as
+#: the gap lasts, and is refused. Versions behind are never refused: they only lose.
 MAX_CLOCK_SKEW_NS = 24 * 3600 * 10**9
 _MIN_INSTANT, _MAX_INSTANT = MIN_TIMESTAMP.replace(tzinfo=None), MAX_TIMESTAMP.replace(tzinfo=None)
+#: Digits in a row: an integer outside the JSON range has at least 19 (-2^63-1 has 19), one inside
+#: it with fewer is within range, so the JSON text tells whether the integers need checking.
+_LONG_DIGITS = re.compile(r"\d{19}")
 
 _NUL = "\x00"
 _PANE_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -141,9 +154,14 @@ def json_text(value: Any) -> str:
         text = _compact_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"is not JSON-serializable ({exc})") from None
-    if "\\u0000" in text:
+    if "\\u0000" in text and _NUL_ESCAPE.search(text) is not None:
         raise ValueError("must not contain NUL characters (PostgreSQL JSONB refuses them)")
     return text
+
+
+#: A NUL character as the encoder writes it: ``\u0000`` after an even number of backslashes (after
+#: an odd number it is text, a backslash followed by "u0000", which PostgreSQL takes).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _utf8_size(text: str) -> int:
@@ -163,16 +181,41 @@ JSON_TEXTS = "json_texts"
 
 
 def _bounded_json(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-    text = json_text(value)
+    try:
+        text = json_text(value)
+    except ValueError:
+        if json_int_out_of_range(value):  # (Python cannot even write an integer of 4,300 digits)
+            raise ValueError(_JSON_INT_RANGE) from None
+        raise
     size = _utf8_size(text)
     if size > MAX_JSON_BYTES:
         raise ValueError(f"is {size} bytes of JSON, over the limit of {MAX_JSON_BYTES}")
+    if _LONG_DIGITS.search(text) is not None and json_int_out_of_range(value):
+        raise ValueError(_JSON_INT_RANGE)
     context = info.context
     if context is not None:
         texts = context.get(JSON_TEXTS)
         if texts is not None:
             texts[id(value)] = (value, text)
     return value
+
+
+_JSON_INT_RANGE = f"integers must lie between {MIN_JSON_INT} and {MAX_JSON_INT}"
+
+
+def json_int_out_of_range(value: Any) -> bool:
+    """Whether a JSON value holds an integer outside ``MIN_JSON_INT`` .. ``MAX_JSON_INT``."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            stack.extend(node.values())
+        elif kind is list or kind is tuple:
+            stack.extend(node)
+        elif kind is int and not MIN_JSON_INT <= node <= MAX_JSON_INT:
+            return True
+    return False
 
 
 def timestamp_problem(value: datetime) -> str | None:
@@ -184,11 +227,9 @@ def timestamp_problem(value: datetime) -> str | None:
         return "its UTC offset must be a whole number of minutes"
     try:
         instant = value.replace(tzinfo=None) - offset
-    except OverflowError:
+    except OverflowError:  # past Python's own range in UTC
         instant = None
-    if instant is None or not MIN_TIMESTAMP.replace(tzinfo=None) <= instant <= MAX_TIMESTAMP.replace(
-        tzinfo=None
-    ):
+    if instant is None or not _MIN_INSTANT <= instant <= _MAX_INSTANT:
         return f"must lie between {MIN_TIMESTAMP:%Y-%m-%d} and {MAX_TIMESTAMP:%Y-%m-%d} UTC"
     return None
 
@@ -202,14 +243,47 @@ def _storable_timestamp(value: datetime) -> datetime:
 
 def _not_ahead(version: int) -> int:
     if version > time.time_ns() + MAX_CLOCK_SKEW_NS:
-        raise ValueError("is more than a day ahead of this host's clock (a producer's clock is wrong)")
+        raise ValueError(
+            f"is more than {MAX_CLOCK_SKEW_NS // 3_600_000_000_000} hours ahead of this worker's clock "
+            "(the clock of the host that wrote it is wrong)"
+        )
     return version
 
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 Position = Annotated[int, Field(ge=0, le=MAX_INT32)]
-Version = Annotated[int, Field(ge=1, le=MAX_VERSION), AfterValidator(_not_ahead)]
-Timestamp = Annotated[AwareDatetime, AfterValidator(_storable_timestamp)]
+Version = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_VERSION,
+        description=(
+            "Hybrid logical clock: nanoseconds since the Unix epoch of the producer's clock, strictly "
+            f"increasing per producer. Workers refuse a version more than {MAX_CLOCK_SKEW_NS} ns "
+            "ahead of their own clock."
+        ),
+    ),
+    AfterValidator(_not_ahead),
+]
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(
+        description=(
+            "RFC 3339 with a UTC offset of whole minutes (+HH:MM or Z); the UTC instant lies between "
+            f"{MIN_TIMESTAMP.isoformat()} and {MAX_TIMESTAMP.isoformat()}."
+        )
+    ),
+    AfterValidator(_storable_timestamp),
+]
+JsonObject = Annotated[
+    dict[str, Any],
+    Field(
+        description=(
+            f"A JSON object of at most {MAX_JSON_BYTES} bytes as compact JSON in UTF-8 (escapes "
+            f"counted as written, no NUL character), integers from {MIN_JSON_INT} to {MAX_JSON_INT}."
+        )
+    ),
+]
 Origin = Annotated[str, StringConstraints(pattern=_ORIGIN.pattern)]
 
 
@@ -242,7 +316,7 @@ class TabRecord(_Record):
     session_id: UUID
     position: Position
     name: Name
-    layout_blob: dict[str, Any] = Field(default_factory=dict)
+    layout_blob: JsonObject = Field(default_factory=dict)
 
     _check_text = field_validator("name")(_no_nul)
     _check_json = field_validator("layout_blob")(_bounded_json)
@@ -255,7 +329,7 @@ class PaneRecord(_Record):
     tab_id: UUID
     pane_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PANE_ID_CHARS)]
     pane_type: Annotated[str, StringConstraints(pattern=_PANE_TYPE.pattern)]
-    component_state: dict[str, Any] = Field(default_factory=dict)
+    component_state: JsonObject = Field(default_factory=dict)
     title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] = ""
     cwd: Annotated[str, StringConstraints(max_length=MAX_PATH_CHARS)] | None = None
     command: Annotated[str, StringConstraints(max_length=MAX_COMMAND_CHARS)] | None = None
@@ -277,7 +351,7 @@ class TemplateRecord(_Record):
 
     id: UUID
     name: Name
-    definition: dict[str, Any] = Field(default_factory=dict)
+    definition: JsonObject = Field(default_factory=dict)
 
     _check_text = field_validator("name")(_no_nul)
     _check_json = field_validator("definition")(_bounded_json)

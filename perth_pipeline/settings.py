@@ -16,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .records import MAX_CHUNK_BYTES, MAX_JSON_BYTES, MAX_OPS_PER_BATCH
+
 __all__ = ["Settings", "mask_url", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -78,14 +80,16 @@ class Settings(BaseSettings):
     # --- the producer ---------------------------------------------------------------------
     #: how often the flusher sends what is dirty; freshness is about this plus one apply.
     flush_interval: float = Field(default=0.05, gt=0, le=60)
-    batch_max_ops: int = Field(default=1000, ge=1, le=10_000)
+    batch_max_ops: int = Field(default=1000, ge=1, le=MAX_OPS_PER_BATCH)
     batch_max_bytes: int = Field(default=1 << 20, ge=4096, le=16 << 20)
     #: live entities (sessions, tabs, panes, templates) the buffer holds; past it new ones are dropped.
     max_entities: int = Field(default=250_000, ge=10)
     #: scrollback bytes waiting to be sent; past it the oldest chunks are dropped.
     max_pending_history_bytes: int = Field(default=32 << 20, ge=1024)
-    max_json_bytes: int = Field(default=256 << 10, ge=64, le=1 << 20)
-    max_chunk_bytes: int = Field(default=256 << 10, ge=64, le=4 << 20)
+    #: a producer's limits of one JSON field and one scrollback chunk: at most the wire's (the
+    #: workers'), so that what a write call accepts is never refused by a worker.
+    max_json_bytes: int = Field(default=256 << 10, ge=64, le=MAX_JSON_BYTES)
+    max_chunk_bytes: int = Field(default=256 << 10, ge=64, le=MAX_CHUNK_BYTES)
     #: jobs of one producer on the queue and not yet finished; past it, state stays dirty.
     max_inflight_jobs: int = Field(default=2000, ge=1)
     #: queue depth past which the producer flushes less often (more coalescing) ...

@@ -19,6 +19,7 @@ from .errors import InvalidRecord
 from .records import (
     MAX_COMMAND_CHARS,
     MAX_INT32,
+    MAX_JSON_DEPTH,
     MAX_JSON_INT,
     MAX_NAME_CHARS,
     MAX_PANE_ID_CHARS,
@@ -44,7 +45,6 @@ __all__ = [
     "verify_template_name",
 ]
 
-_MAX_JSON_DEPTH = 128
 _FLAT_MAX = 16
 _PANE_TYPE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _known_pane_types: set[str] = set()
@@ -196,10 +196,11 @@ def copy_json(value: Any, field_name: str, budget: int) -> Any:
 
 
 class _JsonCopier:
-    __slots__ = ("depth", "field", "remaining", "upper")
+    __slots__ = ("budget", "depth", "field", "remaining", "upper")
 
     def __init__(self, field_name: str, budget: int) -> None:
         self.field = field_name
+        self.budget = budget
         self.remaining = budget  # the budget less a lower bound of the size so far
         self.upper = 0  # an upper bound of the size so far
         self.depth = 0
@@ -208,13 +209,13 @@ class _JsonCopier:
         kind = type(node)
         if kind is dict or kind is list or kind is tuple:
             self.depth += 1
-            if self.depth > _MAX_JSON_DEPTH:
+            if self.depth > MAX_JSON_DEPTH:
                 # also what stops a dict that contains itself
-                raise InvalidRecord(self.field, f"is nested deeper than {_MAX_JSON_DEPTH} levels")
+                raise InvalidRecord(self.field, f"is nested deeper than {MAX_JSON_DEPTH} levels")
             try:
                 if kind is dict:
                     return self._dict(node)
-                self.remaining -= 2 + len(node)
+                self.remaining -= 1 + len(node) if node else 2  # brackets and the commas between
                 self.upper += 2 + len(node)
                 return [self.walk(v) for v in node]
             finally:
@@ -242,8 +243,9 @@ class _JsonCopier:
         raise InvalidRecord(self.field, f"{kind.__name__} is not a JSON value")
 
     def _dict(self, node: dict[Any, Any]) -> dict[str, Any]:
-        self.remaining -= 2 + 2 * len(node)
-        self.upper += 2 + 2 * len(node)
+        # braces and the commas between members; each key adds its quotes and colon below
+        self.remaining -= 1 + len(node) if node else 2
+        self.upper += 2 + len(node)
         out = {}
         for k, v in node.items():
             if type(k) is not str:
@@ -256,5 +258,5 @@ class _JsonCopier:
             self.upper += 6 * len(k) + 3
             out[k] = self.walk(v)
         if self.remaining < 0:
-            raise InvalidRecord(self.field, "is over the size limit of JSON")
+            raise InvalidRecord(self.field, f"is over the limit of {self.budget} bytes of JSON")
         return out
