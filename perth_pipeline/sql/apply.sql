@@ -201,10 +201,17 @@ WHERE x.id = s.id AND x.last_active < s.last_active;
 -- would add a row version (and its WAL) per batch, and make concurrent batches of one session,
 -- which otherwise share its lock, queue on that row until each commits; this way it happens
 -- once a minute per session at most. Runs with the sessions' own statements, before tabs and
--- panes, so that every batch takes its row locks kind by kind in one order (ids ascending).
+-- panes, and locks its rows in id order whatever join the planner picks (the inner ORDER BY ...
+-- FOR NO KEY UPDATE), so that every batch takes its row locks kind by kind in one order. A batch
+-- that waits for another's raise sees it once that one commits, and skips the row.
 UPDATE sessions x SET activity_at = now()
-FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(id, n)
-WHERE x.id = u.id AND x.activity_at < now() - interval '1 minute';
+FROM (
+    SELECT s.id FROM sessions s
+    WHERE s.id = ANY(%(ids)s::uuid[]) AND s.activity_at < now() - interval '1 minute'
+    ORDER BY s.id
+    FOR NO KEY UPDATE
+) u
+WHERE x.id = u.id;
 
 -- name: upsert_tabs
 INSERT INTO tabs AS x (id, session_id, position, name, layout_blob, version, origin)
