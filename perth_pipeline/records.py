@@ -230,7 +230,9 @@ def timestamp_problem(value: datetime) -> str | None:
     except OverflowError:  # past Python's own range in UTC
         instant = None
     if instant is None or not _MIN_INSTANT <= instant <= _MAX_INSTANT:
-        return f"must lie between {MIN_TIMESTAMP:%Y-%m-%d} and {MAX_TIMESTAMP:%Y-%m-%d} UTC"
+        return (
+            f"must lie between {MIN_TIMESTAMP.date().isoformat()} and {MAX_TIMESTAMP.date().isoformat()} UTC"
+        )
     return None
 
 
