@@ -127,8 +127,18 @@ CREATE INDEX IF NOT EXISTS template_tombstones_deleted_at_idx ON template_tombst
 -- Migration 2: a tombstone remembers the deleted entity's ancestors (a tab's session, a pane's tab
 -- and session; a session's own id), so that a producer that never held a deleted tab or pane
 -- learns from the database where its writes belong. Tombstones written before keep NULLs.
-ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS session_id uuid;
-ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS tab_id uuid;
+-- (Checked in the catalog first, as activity_at below: a migrated database is not locked.)
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'tombstones'::regclass AND attname = 'tab_id' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS session_id uuid,
+                               ADD COLUMN IF NOT EXISTS tab_id uuid;
+    END IF;
+END
+$$;
 
 -- Migration 2 (also): sessions.activity_at, when the apply last wrote anything under the session
 -- (the session itself, a touch, its tabs, panes, scrollback, a delete among them), to the minute:
@@ -137,15 +147,26 @@ ALTER TABLE tombstones ADD COLUMN IF NOT EXISTS tab_id uuid;
 -- panes for a month without calling touch_session is active. No index on activity_at: an
 -- indexed column would make every raise a non-HOT update (new index entries in every index).
 -- A database of the first schema gets the column filled once from what its rows say.
-ALTER TABLE sessions ADD COLUMN IF NOT EXISTS activity_at timestamptz;
-UPDATE sessions s SET activity_at = greatest(
-    s.updated_at,
-    (SELECT max(x.updated_at) FROM tabs x WHERE x.session_id = s.id),
-    (SELECT max(x.updated_at) FROM panes x WHERE x.session_id = s.id),
-    (SELECT max(x.created_at) FROM pane_history x WHERE x.session_id = s.id)
-)
-WHERE s.activity_at IS NULL;
-ALTER TABLE sessions ALTER COLUMN activity_at SET DEFAULT now(), ALTER COLUMN activity_at SET NOT NULL;
+-- (Checked in the catalog first: once migrated, init-db takes no lock on sessions, which a live
+-- system's batches and reads would queue behind: ALTER TABLE takes its lock before it looks.)
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'sessions'::regclass AND attname = 'activity_at' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE sessions ADD COLUMN IF NOT EXISTS activity_at timestamptz;
+        UPDATE sessions s SET activity_at = greatest(
+            s.updated_at,
+            (SELECT max(x.updated_at) FROM tabs x WHERE x.session_id = s.id),
+            (SELECT max(x.updated_at) FROM panes x WHERE x.session_id = s.id),
+            (SELECT max(x.created_at) FROM pane_history x WHERE x.session_id = s.id)
+        );
+        ALTER TABLE sessions ALTER COLUMN activity_at SET DEFAULT now(),
+                             ALTER COLUMN activity_at SET NOT NULL;
+    END IF;
+END
+$$;
 
 -- When a session was last active, as the cleanup judges it (idle: before its cutoff): the later
 -- of what the terminal said (last_active) and what was last written under it (activity_at).

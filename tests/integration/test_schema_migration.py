@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 from perth_pipeline.store import Store
 
-from ..helpers import require
+from ..helpers import require, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 #: schema.sql before migration 2, and with its first half (tombstone ancestors) only
@@ -114,3 +115,32 @@ def test_init_db_twice_migrates_a_database_of_an_earlier_schema(own_database: st
             (1,),
             (2,),
         ]
+
+
+def test_init_db_on_a_migrated_database_does_not_wait_for_readers_of_sessions_and_tombstones(
+    database_url: str,
+) -> None:
+    # a restore (sessions) or a producer's route lookup (tombstones) in flight: an ALTER TABLE, which
+    # takes its exclusive lock before it finds the column already there, would wait for it, and
+    # every later read and batch would queue behind the ALTER
+    done = threading.Event()
+
+    def init() -> None:
+        store = Store(database_url)
+        try:
+            store.init_db()
+        finally:
+            store.close()
+            done.set()
+
+    reader = psycopg.connect(database_url)
+    thread = threading.Thread(target=init)
+    try:
+        reader.execute("SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM tombstones)")
+        thread.start()
+        wait_for(done.is_set, timeout=20, what="init-db to finish while a reader is in flight")
+    finally:
+        reader.rollback()
+        reader.close()
+        if thread.is_alive():
+            thread.join(timeout=30)
