@@ -793,7 +793,9 @@ class Buffer:
     def _routed(self, key: Key, entry: _Entry) -> bool:
         """Find the session of a tab or pane from what the buffer knows now (under the lock)."""
         kind = key[0]
-        if kind == TAB:
+        if entry.session_id is not None:
+            pass  # known since (a tab created again names its session in its record)
+        elif kind == TAB:
             entry.session_id = self._tab_routes.get(key[1])
         elif kind == PANE:
             if entry.tab_id is None:

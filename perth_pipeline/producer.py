@@ -773,7 +773,9 @@ class PersistenceManager:
                     extra={"unrouted_tabs": len(tab_ids), "unrouted_panes": len(pane_ids)},
                 )
             return
-        self.buffer.learn_routes(routes.tabs, routes.panes, gone_panes=routes.gone_panes)
+        # (a pane the database knows only as a tombstone is routed by it, not treated as gone: another
+        # terminal may have created it again since, and the workers judge a chunk by its version)
+        self.buffer.learn_routes(routes.tabs, routes.panes)
 
     def _publish_stats(self) -> None:
         """Each producer's counters, for ``status`` and the metrics (expire with the producer)."""
