@@ -469,3 +469,47 @@ def test_every_batch_is_activity_of_the_sessions_it_writes_under(pg: psycopg.Con
     before = pg.execute("SELECT id, xmin::text, activity_at FROM sessions ORDER BY id").fetchall()
     applier.apply(pg, batch("a", p_up(10, P1, title="again"), h_app(11, P1, index=1), p_del(12, P3)))
     assert pg.execute("SELECT id, xmin::text, activity_at FROM sessions ORDER BY id").fetchall() == before
+
+
+def test_a_batch_waiting_on_another_raise_of_activity_skips_the_row(
+    pg: psycopg.Connection[Any], database_url: str
+) -> None:
+    # two batches of one session share its lock: the second to raise its activity waits for the
+    # first's row lock, then finds the value raised and leaves the row alone (no deadlock, no error)
+    Applier().apply(pg, batch("a", s_up(1, S1), t_up(2, T1), p_up(3, P1)))
+    pg.execute("UPDATE sessions SET activity_at = now() - interval '40 days'")
+    other = psycopg.connect(database_url)  # stands for the first batch, mid-transaction
+    other.execute("UPDATE sessions SET activity_at = now() WHERE id = %s RETURNING activity_at", (S1,))
+    done: dict[str, BaseException | None] = {}
+
+    def run() -> None:
+        with connect(database_url) as conn:
+            conn.execute("SELECT set_config('application_name', 'perth-test-raise', false)")
+            try:
+                Applier().apply(conn, batch("b", p_up(4, P1, title="later")))
+                done["b"] = None
+            except BaseException as exc:  # reported by the main thread
+                done["b"] = exc
+
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        wait_for(
+            lambda: (
+                pg.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE application_name = 'perth-test-raise'"
+                ).fetchone()
+                == ("Lock",)
+            ),
+            timeout=30,
+            what="the batch to wait on the session row",
+        )
+        raised = other.execute("SELECT activity_at FROM sessions WHERE id = %s", (S1,)).fetchone()
+        other.commit()
+    finally:
+        other.rollback()
+        other.close()
+        thread.join(timeout=30)
+    assert done == {"b": None}
+    assert pg.execute("SELECT activity_at FROM sessions WHERE id = %s", (S1,)).fetchone() == raised
+    assert pg.execute("SELECT title FROM panes WHERE id = %s", (P1,)).fetchone() == ("later",)
