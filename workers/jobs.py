@@ -104,6 +104,42 @@ def _reasons(exc: ValidationError, prefix: str = "") -> list[str]:
     return out
 
 
+_OBJECT_TYPES = frozenset({"model_type", "model_attributes_type", "dict_type"})
+_JSON_KINDS = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _op_reasons(exc: ValidationError, index: int, raw: Any) -> list[str]:
+    """Why operation ``index`` is invalid: ``ops[<index>].<its kind>.<field>: <what is wrong>``.
+
+    Where pydantic's discriminated union has no field to name (the operation is not an object,
+    its ``op`` is missing or unknown), the reason names the operation or its ``op`` field, and,
+    as everywhere, never the value (pydantic's message for an unknown tag quotes it).
+    """
+    out = []
+    for err in exc.errors(include_input=False, include_url=False):
+        kind = err["type"]
+        if kind == "union_tag_invalid":
+            out.append(f"ops[{index}].op: not an operation of this format")
+        elif kind == "union_tag_not_found":
+            out.append(f"ops[{index}].op: Field required")
+        elif not err["loc"] and not isinstance(raw, dict):
+            found = _JSON_KINDS.get(type(raw), "value")
+            out.append(f"ops[{index}]: an operation is a JSON object, not a JSON {found}")
+        else:
+            loc = ".".join(str(p) for p in err["loc"])
+            # "a valid dictionary or instance of TabRecord": pydantic's words, not the wire format's
+            msg = "Input should be a JSON object" if kind in _OBJECT_TYPES else err["msg"]
+            out.append(f"ops[{index}].{loc}: {msg}" if loc else f"ops[{index}]: {msg}")
+    return out
+
+
 def parse_batch(payload: Any) -> tuple[Batch, list[Any], list[str]]:
     """Validate a payload: (the batch, its valid operations, reasons for the invalid ones).
 
@@ -131,7 +167,7 @@ def parse_batch(payload: Any) -> tuple[Batch, list[Any], list[str]]:
         try:
             valid.append(_OP_ADAPTER.validate_python(raw))
         except ValidationError as exc:
-            rejected.extend(_reasons(exc, f"ops[{index}]."))
+            rejected.extend(_op_reasons(exc, index, raw))
     if not valid:
         # (before the envelope is validated with its operations: with none, that would only say
         # that ops[0] is not an operation, not what is wrong with it)

@@ -32,7 +32,7 @@ from perth_pipeline.records import (
     TemplateUpsert,
     json_text,
 )
-from workers.jobs import parse_batch
+from workers.jobs import PoisonBatch, parse_batch
 from workers.serializer import JobSerializer, ParsedBatch, parse_apply_batch
 
 from ..helpers import make_buffer, pane, session, tab
@@ -155,6 +155,57 @@ def test_a_batch_with_one_invalid_operation_falls_back_to_rqs_json() -> None:
     _, valid, rejected = parse_batch(args[0])
     assert len(valid) == len(payload["ops"]) - 1
     assert rejected and all(reason.startswith("ops[1].") for reason in rejected)
+
+
+_SECRET = "s3cret-value"
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        pytest.param(
+            lambda r: {"op": "tab.upsert", "version": 1, "record": {**r, "position": -1}},
+            "ops[{i}].tab.upsert.record.position: Input should be greater than or equal to 0",
+            id="a-field",
+        ),
+        pytest.param(
+            lambda r: {"op": f"tab.{_SECRET}", "version": 1, "record": r},
+            "ops[{i}].op: not an operation of this format",
+            id="unknown-op",
+        ),
+        pytest.param(lambda r: {"version": 1, "record": r}, "ops[{i}].op: Field required", id="no-op"),
+        pytest.param(lambda r: None, "ops[{i}]: an operation is a JSON object, not a JSON null", id="null"),
+        pytest.param(
+            lambda r: _SECRET, "ops[{i}]: an operation is a JSON object, not a JSON string", id="string"
+        ),
+        pytest.param(lambda r: [r], "ops[{i}]: an operation is a JSON object, not a JSON array", id="array"),
+        pytest.param(
+            lambda r: {"op": "tab.upsert", "version": 1, "record": _SECRET},
+            "ops[{i}].tab.upsert.record: Input should be a JSON object",
+            id="record-not-an-object",
+        ),
+    ],
+)
+@pytest.mark.parametrize("alone", [True, False], ids=["every-op-invalid", "beside-a-valid-op"])
+def test_an_invalid_operation_is_named_by_position_and_field_never_by_value(
+    op: Any, expected: str, alone: bool
+) -> None:
+    payload = payload_of(producer_job_data())
+    record = {**tab(uuid.uuid4()).model_dump(mode="json"), "name": _SECRET}
+    ops = [op(record), op(record)] if alone else [payload["ops"][0], op(record)]
+    payload = {**payload, "ops": ops}
+    assert parse_apply_batch(rq_job_data(payload)) is None  # left to the job function's fallback
+    if alone:
+        with pytest.raises(PoisonBatch) as raised:
+            parse_batch(payload)
+        reason = str(raised.value)
+        assert reason.startswith("none of the 2 operations is valid: ")
+        assert expected.format(i=0) in reason and expected.format(i=1) in reason, reason
+    else:
+        _, valid, rejected = parse_batch(payload)
+        assert len(valid) == 1 and rejected == [expected.format(i=1)]
+        reason = "; ".join(rejected)
+    assert _SECRET not in reason and "valid dictionary" not in reason and "ops.0" not in reason
 
 
 @pytest.mark.parametrize(
