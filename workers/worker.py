@@ -6,7 +6,10 @@
   its data must be JSON of RQ's job format and of bounded size, its arguments must
   fit the function, and it may carry no callbacks or webhooks. A refused job goes
   to the failed registry with the reason, without retries; the worker goes on.
-  A job hash that RQ cannot even read is moved there too instead of stopping the worker.
+  A job hash that RQ cannot even read is moved there too instead of stopping the worker; a job
+  is filed under the queue it was taken from, whatever origin its hash names (RQ files the
+  failure of a hash without ``origin`` under a queue named ""). An id whose key is not a hash
+  at all is dropped from the queue with a warning (RQ drops the id of a missing job silently).
 * A short started-job lease kept alive by a heartbeat thread while a job runs,
   and a short maintenance interval under a short lock of our own: a batch whose
   worker was SIGKILLed is put back at the head of the queue by another worker
@@ -47,7 +50,7 @@ from perth_pipeline.settings import Settings
 from . import jobs, metrics, registries
 from .context import JobContext
 from .serializer import JobSerializer
-from .vetting import MAX_JOB_BYTES, PerthJob, UnknownJobFunction, short
+from .vetting import MAX_JOB_BYTES, PerthJob, UnknownJobFunction, UnreadableJobHash, short
 
 __all__ = ["MAX_JOB_BYTES", "PerthJob", "PerthWorker", "UnknownJobFunction"]
 
@@ -216,14 +219,44 @@ class PerthWorker(SimpleWorker):
                 result = super().dequeue_job_and_maintain_ttl(timeout, idle_slice)
             except Exception as exc:
                 job_id = getattr(exc, "job_id", None)  # set by RQ when it could not read a job
-                if job_id is None:
-                    raise
-                reason = f"unreadable job: {type(exc).__name__}: {short(str(exc))}"
+                if job_id is None or (isinstance(exc, redis.RedisError) and not _not_a_hash(exc)):
+                    raise  # Redis failed (a timeout, a lost connection), not the job: nothing to refuse
                 queue = getattr(exc, "queue", None) or self.queues[0]
-                registries.quarantine(self.connection, queue, str(job_id), reason, self.settings)
+                if _not_a_hash(exc):
+                    self._drop_foreign(queue, str(job_id))
+                else:
+                    # an UnreadableJobHash names the field; anything else RQ raised, by its type and message
+                    what = (
+                        str(exc)
+                        if isinstance(exc, UnreadableJobHash)
+                        else f"{type(exc).__name__}: {short(str(exc))}"
+                    )
+                    reason = f"unreadable job: {what}"
+                    registries.quarantine(self.connection, queue, str(job_id), reason, self.settings)
                 continue
+            if result is not None:
+                job, queue = result
+                if isinstance(job, PerthJob):
+                    job.taken_from(queue.name)
             if result is not None or timeout is None or self._stop_requested:
                 return result
+
+    def _drop_foreign(self, queue: Any, job_id: str) -> None:
+        """The id names a key that is not a hash: no job, and nothing to file it under (a failed
+        registry entry would break its readers). Dropped from the queue as RQ drops the id of a
+        job that does not exist, but said, and the key is left alone."""
+        key = Job.key_for(job_id)
+        kind = self.connection.type(key)
+        for name in (queue.key, queue.intermediate_queue_key):
+            self.connection.lrem(name, 0, job_id)
+        logger.warning(
+            "job %s dropped from queue %s: its key %s is a Redis %s, not a job hash",
+            job_id,
+            queue.name,
+            key,
+            kind.decode() if isinstance(kind, bytes) else kind,
+            extra={"job_id": job_id, "queue": queue.name},
+        )
 
     def _wait_for_database(self, *, burst: bool) -> bool:
         """Wait (with back-off) until PostgreSQL takes writes; False when stopping, or in burst mode."""
@@ -255,6 +288,11 @@ class PerthWorker(SimpleWorker):
         finally:
             self.context.close()
             jobs.bind(None)
+
+
+def _not_a_hash(exc: BaseException) -> bool:
+    """Whether reading a job failed because its key holds another type (a string, a list...)."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _interruptible_sleep(worker: PerthWorker, seconds: float) -> None:

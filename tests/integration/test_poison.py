@@ -25,7 +25,7 @@ import pytest
 import redis
 from rq import Queue, Retry
 from rq.job import Callback, Job, JobStatus
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
@@ -315,21 +315,152 @@ def test_an_abandoned_job_with_a_callback_does_not_break_maintenance(
     harness.assert_kept_working(valid, sid)
 
 
-def test_a_job_hash_without_data_is_refused_not_lost(harness: Harness) -> None:
-    # written by hand (or by a producer in another language that got the format wrong): RQ would
-    # take it for a job that does not exist and drop its id, leaving it "queued" in no registry
-    job_id = f"no-data-{uuid.uuid4().hex[:8]}"
-    harness.redis.hset(
-        Job.key_for(job_id),
-        mapping={"status": "queued", "origin": harness.settings.queue, "description": "x"},
-    )
+def push_hash(harness: Harness, fields: dict[str, Any] | None, *, kind: str = "hash") -> PerthJob:
+    """A job hash written by hand (HSET) and its id pushed on the queue, as a producer in another
+    language that got RQ's format wrong would: no RQ API involved."""
+    job_id = f"by-hand-{uuid.uuid4().hex[:8]}"
+    key = Job.key_for(job_id)
+    if kind == "string":
+        harness.redis.set(key, "not a job")
+    elif fields is not None:
+        harness.redis.hset(key, mapping=fields)
     harness.redis.rpush(harness.queue.key, job_id)
     harness.redis.sadd("rq:queues", harness.queue.key)
+    return PerthJob(job_id, connection=harness.redis, serializer=JSONSerializer)
+
+
+def rq_fields(harness: Harness, **changes: Any) -> dict[str, Any]:
+    """The fields RQ writes for a job (with a batch that is refused if it ever runs), changed."""
+    stamp = "2026-01-01T00:00:00.000000Z"
+    fields: dict[str, Any] = {
+        "data": zlib.compress(json.dumps([JOB_FUNCTION, None, [{}], {}]).encode()),
+        "created_at": stamp,
+        "enqueued_at": stamp,
+        "description": "by hand",
+        "origin": harness.settings.queue,
+        "status": "queued",
+        "timeout": "180",
+    }
+    fields.update(changes)
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def assert_not_left_behind(harness: Harness, job: Job) -> None:
+    """Off the queue and off its intermediate list: nothing waits for RQ's clean-up to notice it."""
+    assert job.id not in harness.queue.get_job_ids()
+    assert job.id.encode() not in harness.redis.lrange(harness.queue.intermediate_queue_key, 0, -1)
+
+
+def test_a_job_hash_without_data_is_refused_not_lost(harness: Harness) -> None:
+    # RQ takes it for a job that does not exist and drops its id, leaving it "queued" in no
+    # registry; with no origin either (as HSET by hand writes it), RQ files a failure under a
+    # queue named "": it must land in the failed registry of the queue it was taken from
+    poison = push_hash(harness, {"status": "queued", "description": "x"})
     valid, sid = harness.valid_batch()
     assert harness.work()
-    poison = PerthJob(job_id, connection=harness.redis, serializer=JSONSerializer)
-    harness.assert_refused(poison, "no 'data' field")
+    reason = harness.assert_refused(poison, "the job hash has no 'data'", "'created_at'", "'origin'")
+    assert "not a job of RQ's format" in reason
+    assert_not_left_behind(harness, poison)
+    assert not harness.redis.zscore("rq:failed:", poison.id)
+    assert not harness.fetch(poison).meta.get(
+        "perth_refused"
+    )  # nothing of it was judged: not "refused content"
     harness.assert_kept_working(valid, sid)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        pytest.param({"data": None}, ("no 'data' field",), id="no-data"),
+        pytest.param({"created_at": None}, ("no 'created_at' field",), id="no-created-at"),
+        pytest.param({"description": None}, ("no 'description' field",), id="no-description"),
+        pytest.param({"origin": None}, ("no 'origin' field",), id="no-origin"),
+        pytest.param({"data": b"\x00\xffneither zlib nor JSON"}, ("not JSON",), id="data-not-zlib-nor-json"),
+        pytest.param({"data": zlib.compress(b"not json")}, ("not JSON",), id="data-zlib-of-not-json"),
+        pytest.param({"data": b""}, ("not JSON",), id="data-empty"),
+    ],
+)
+def test_a_malformed_job_hash_is_refused_with_its_reason(
+    harness: Harness, changes: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    poison = push_hash(harness, rq_fields(harness, **changes))
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    harness.assert_refused(poison, *fragments)
+    assert_not_left_behind(harness, poison)
+    harness.assert_kept_working(valid, sid)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("created_at", "yesterday"), ("status", "bogus"), ("timeout", "forever"), ("retries_left", "many")],
+)
+def test_a_field_rq_cannot_read_is_named_not_quoted(harness: Harness, field: str, value: str) -> None:
+    poison = push_hash(harness, rq_fields(harness, **{field: value}))
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    assert poison.id in FailedJobRegistry(queue=harness.queue).get_job_ids()
+    assert harness.redis.hget(poison.key, "status") == b"failed"
+    reason = harness.reason(poison, readable=False)
+    assert f"RQ cannot read its field '{field}'" in reason, reason
+    assert value not in reason
+    assert_not_left_behind(harness, poison)
+    harness.assert_kept_working(valid, sid)
+
+
+def test_an_id_without_a_hash_is_dropped_as_rq_does(harness: Harness) -> None:
+    ghost = push_hash(harness, None)
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    assert ghost.id not in harness.queue.get_job_ids()
+    assert ghost.id not in FailedJobRegistry(queue=harness.queue).get_job_ids()
+    assert not harness.redis.exists(ghost.key)  # nothing made up for it
+    harness.assert_kept_working(valid, sid)
+    # not stuck either: the next maintenance (RQ's clean-up of the intermediate list) drops it
+    assert not harness.work()
+    assert_not_left_behind(harness, ghost)
+
+
+def test_an_id_whose_key_is_not_a_hash_does_not_stop_the_worker(harness: Harness) -> None:
+    foreign = push_hash(harness, None, kind="string")
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    assert_not_left_behind(harness, foreign)
+    assert harness.redis.get(foreign.key) == b"not a job"  # not ours to touch
+    assert foreign.id not in FailedJobRegistry(queue=harness.queue).get_job_ids()
+    harness.assert_kept_working(valid, sid)
+
+
+def test_a_job_naming_another_queue_is_filed_under_the_one_it_was_taken_from(harness: Harness) -> None:
+    record = session("after the poison")
+    payload = Batch(
+        id=uuid.uuid4(), origin="poison-test", created_at=now(), ops=[SessionUpsert(version=1, record=record)]
+    ).model_dump(mode="json")
+    data = zlib.compress(json.dumps([JOB_FUNCTION, None, [payload], {}]).encode())
+    elsewhere = f"{harness.settings.queue}-elsewhere"
+    job = push_hash(harness, rq_fields(harness, data=data, origin=elsewhere))
+    assert harness.work()
+    harness.assert_kept_working(job, record.id)  # not malformed: RQ would run it, and so do we
+    assert job.id in FinishedJobRegistry(queue=harness.queue).get_job_ids()
+    assert harness.redis.hget(job.key, "origin") == harness.settings.queue.encode()
+    assert_not_left_behind(harness, job)
+
+
+def test_a_redis_error_while_reading_a_job_does_not_refuse_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    valid, _ = harness.valid_batch()
+    refresh = PerthJob.refresh
+
+    def timing_out(self: PerthJob) -> None:
+        if self.id == valid.id:
+            raise redis.TimeoutError("Timeout reading from socket")
+        refresh(self)
+
+    monkeypatch.setattr(PerthJob, "refresh", timing_out)
+    harness.work()  # RQ's worker quits on a Redis timeout
+    assert valid.id not in FailedJobRegistry(queue=harness.queue).get_job_ids()
+    assert harness.redis.hget(valid.key, "status") == b"queued"  # a good batch, not "unreadable"
 
 
 def test_a_batch_of_only_invalid_operations_is_refused_naming_their_fields(harness: Harness) -> None:
@@ -349,4 +480,38 @@ def test_a_batch_of_only_invalid_operations_is_refused_naming_their_fields(harne
     assert harness.work()
     reason = harness.assert_refused(poison, "none of the 2 operations is valid", "position", "name")
     assert "valid dictionary" not in reason and "ops[0]" in reason and "ops[1]" in reason
+    harness.assert_kept_working(valid, sid)
+
+
+def test_operations_that_are_not_even_operations_are_named_by_position(harness: Harness) -> None:
+    # every operation invalid, none for a field of its record: pydantic has no field to name, and its
+    # message for an unknown op quotes the value; the reason names each op (and its op field) instead
+    record = tab(uuid.uuid4(), name="secret title").model_dump(mode="json")
+    payload = {
+        "format": FORMAT_VERSION,
+        "id": str(uuid.uuid4()),
+        "origin": "poison-test",
+        "created_at": now().isoformat(),
+        "ops": [
+            {"op": "tab.upsert-secret-op", "version": 1, "record": record},
+            ["tab.upsert", 1, record],
+            {"version": 1, "record": record},
+            {"op": "tab.upsert", "version": 1, "record": "secret title"},
+            {"op": "tab.upsert", "version": 1, "record": {**record, "position": -1}},
+        ],
+    }
+    poison = harness.enqueue(args=(payload,))
+    valid, sid = harness.valid_batch()
+    assert harness.work()
+    reason = harness.assert_refused(
+        poison,
+        "none of the 5 operations is valid: ",
+        "ops[0].op: not an operation of this format",
+        "ops[1]: an operation is a JSON object, not a JSON array",
+        "ops[2].op: Field required",
+        "ops[3].tab.upsert.record: Input should be a JSON object",
+        "ops[4].tab.upsert.record.position: Input should be greater than or equal to 0",
+    )
+    assert "secret" not in reason and "valid dictionary" not in reason and "ops.0" not in reason
+    assert harness.fetch(poison).meta.get("perth_refused", "").startswith("none of the 5 operations")
     harness.assert_kept_working(valid, sid)
