@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 
+from .masking import masked_logger
+
 __all__ = ["CircuitBreaker"]
 
-logger = logging.getLogger("perth_pipeline.producer")
+logger = masked_logger("perth_pipeline.producer")
 
 
 class CircuitBreaker:

@@ -22,7 +22,6 @@ Rules kept here (DESIGN.md, rule 2 and 3):
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -35,13 +34,14 @@ from uuid import UUID
 
 from .clock import HybridClock
 from .errors import InvalidRecord
+from .masking import masked_logger
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from .scrollback import Chunk, Route, Scrollback
 from .validation import copy_json, verify_chunk, verify_pane, verify_session, verify_tab, verify_template
 
 __all__ = ["Buffer", "Chunk", "Drained", "Item", "Receipt", "Touch"]
 
-logger = logging.getLogger("perth_pipeline.buffer")
+logger = masked_logger("perth_pipeline.buffer")
 
 SESSION: Final = "session"
 TAB: Final = "tab"

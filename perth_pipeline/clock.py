@@ -22,15 +22,15 @@ a version more than ``records.MAX_CLOCK_SKEW_NS`` (a day) ahead of their own clo
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
+from .masking import masked_logger
 from .records import MAX_CLOCK_SKEW_NS, MAX_VERSION
 
 __all__ = ["HybridClock"]
 
-logger = logging.getLogger("perth_pipeline.clock")
+logger = masked_logger("perth_pipeline.clock")
 
 _time_ns = time.time_ns
 #: The highest version taken from the wall clock or adopted from a row: 2^40 logical increments

@@ -27,10 +27,11 @@ from typing import Any
 import redis
 
 from .errors import PersistenceError
+from .masking import masked_logger
 
 __all__ = ["EmbeddedServers", "EmbeddedUnavailable"]
 
-logger = logging.getLogger("perth_pipeline.embedded")
+logger = masked_logger("perth_pipeline.embedded")
 
 _START_TIMEOUT = 30.0
 

@@ -1,35 +1,22 @@
 """Logging set-up for the command line and workers: readable text or one JSON object per line.
 
-Secrets are masked: any ``scheme://user:password@`` and any ``password=...`` (a
-libpq connection string, a URL query) in a message, a field or a traceback is
-printed with ``***`` instead of the password.
+Secrets are masked by the rule of :mod:`perth_pipeline.masking` in every message,
+field and traceback, whichever logger wrote it (RQ's and the driver's too).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from .masking import mask_secrets
+
 __all__ = ["JsonFormatter", "configure_logging", "mask_secrets"]
 
-# the userinfo of a URL cannot hold a raw "/", "?", "#" or "@": stopping there keeps "host:port/x@y"
-# (not a password) readable
-_URL_PASSWORD = re.compile(
-    r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s\"']*:)(?P<pw>[^/?#@\s\"']+)(?P<post>@)"
-)
-# libpq key=value connection strings ("host=db password=secret") and URL query parameters
-_KEY_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with the passwords of URLs and of ``password=`` settings replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<pre>***\g<post>", text)
-    return _KEY_PASSWORD.sub(r"\g<pre>***", text)
 
 
 class _MaskingFilter(logging.Filter):

@@ -16,7 +16,6 @@ day's worth of cleanups on their return).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -31,12 +30,13 @@ import redis
 from rq.job import Job
 
 from .broker import LIVE_STATUSES, Keys, make_queue, make_redis
+from .masking import masked_logger
 from .retention import MIN_JOB_RETENTION
 from .settings import Settings, parse_duration
 
 __all__ = ["CLEANUP_FUNCTION", "Scheduler", "scheduler_command"]
 
-logger = logging.getLogger("perth_pipeline.scheduler")
+logger = masked_logger("perth_pipeline.scheduler")
 
 #: The job the scheduler enqueues (allowlisted in workers.jobs.ALLOWED).
 CLEANUP_FUNCTION = "workers.maintenance.cleanup"

@@ -11,11 +11,11 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .masking import mask_url
 from .records import MAX_CHUNK_BYTES, MAX_JSON_BYTES, MAX_OPS_PER_BATCH
 
 __all__ = ["Settings", "mask_url", "parse_duration"]
@@ -34,30 +34,6 @@ def parse_duration(text: str | float | int) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration (try 30d, 12h, 15m, 90s or 250ms)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-
-
-# libpq and redis-py also take the password as a URL query parameter (?password=...), and libpq
-# as a key=value connection string ("host=db password=secret")
-_PASSWORD_SETTING = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
-
-
-def mask_url(url: str | None) -> str:
-    """``url`` with its password replaced by ``***``: safe for logs and ``status``."""
-    if not url:
-        return ""
-    url = _PASSWORD_SETTING.sub(r"\1***", url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _default_data_dir() -> Path:

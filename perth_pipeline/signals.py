@@ -31,7 +31,6 @@ process without waiting for that close (the manager is no longer live for the cl
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -39,11 +38,12 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from .masking import masked_logger
 from .producer import close_all
 
 __all__ = ["install_signal_handlers"]
 
-logger = logging.getLogger(__name__)
+logger = masked_logger(__name__)
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 #: How long past ``timeout`` a handler waits for the closing (which keeps to ``timeout`` itself).

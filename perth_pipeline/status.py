@@ -29,7 +29,8 @@ from rq.registry import (
 
 from .broker import Keys, make_queue, make_redis, read_db_health, redis_host
 from .errors import PersistenceError
-from .settings import Settings, mask_url
+from .masking import first_line, mask_url
+from .settings import Settings
 from .store import Store
 
 __all__ = ["gather_status", "producer_totals", "queue_lag", "render_status", "run_status"]
@@ -88,7 +89,11 @@ def _redis_part(settings: Settings, report: dict[str, Any]) -> dict[str, Any]:
     try:
         client = make_redis(settings.redis_url or "", connect_timeout=2.0, socket_timeout=5.0)
     except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
-        return {"ok": False, "url": mask_url(settings.redis_url), "error": f"invalid REDIS_URL: {exc}"}
+        return {
+            "ok": False,
+            "url": mask_url(settings.redis_url),
+            "error": f"invalid REDIS_URL: {first_line(exc)}",
+        }
     try:
         section = _redis_section(client, settings, report)
         keys = Keys(settings.queue)
@@ -100,7 +105,7 @@ def _redis_part(settings: Settings, report: dict[str, Any]) -> dict[str, Any]:
     except redis.RedisError as exc:
         for partial in ("queue", "workers", "producers", "worker_view_of_postgres"):
             report.pop(partial, None)
-        return {"ok": False, "url": mask_url(settings.redis_url), "error": _first_line(exc)}
+        return {"ok": False, "url": mask_url(settings.redis_url), "error": first_line(exc)}
     finally:
         client.close()
     failed = report["queue"]["failed"]
@@ -232,22 +237,17 @@ def _postgres_section(settings: Settings) -> dict[str, Any]:
         section["version"] = store.server_version()
     except (PersistenceError, psycopg.Error) as exc:  # psycopg.Error: a malformed DATABASE_URL
         store.close()
-        return {**section, "ok": False, "error": _first_line(exc)}
+        return {**section, "ok": False, "error": first_line(exc)}
     try:
         section["schema_version"] = store.schema_version()
     except (PersistenceError, psycopg.Error) as exc:
         section["schema_version"] = None
-        section["schema_error"] = _first_line(exc)
+        section["schema_error"] = first_line(exc)
     finally:
         store.close()
     if section["schema_version"] == 0:
         section["schema_error"] = "the schema is not applied: run `perth-pipeline init-db`"
     return section
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def render_status(report: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ cleanup reads, is raised in the same transaction, at most once a minute.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import psycopg
 from psycopg import sql
 
 from perth_pipeline.locks import lock_key
+from perth_pipeline.masking import masked_logger
 from perth_pipeline.queries import load_queries
 from perth_pipeline.records import (
     Batch,
@@ -45,7 +45,7 @@ from perth_pipeline.records import (
 
 __all__ = ["Applier", "ApplyResult"]
 
-logger = logging.getLogger("workers.applier")
+logger = masked_logger("workers.applier")
 
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 _ATTEMPTS = 5

@@ -16,7 +16,6 @@ is cancelled by the server before RQ abandons the job.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import time
@@ -28,14 +27,15 @@ from psycopg.pq import TransactionStatus
 
 from perth_pipeline.broker import Keys, clear_db_health, prune_db_health, write_db_health
 from perth_pipeline.errors import DatabaseUnavailable
-from perth_pipeline.settings import Settings, mask_url
+from perth_pipeline.masking import first_line, mask_url, masked_logger
+from perth_pipeline.settings import Settings
 from perth_pipeline.store import connect
 
 from .applier import Applier
 
 __all__ = ["JobContext", "effective_statement_timeout"]
 
-logger = logging.getLogger("workers.context")
+logger = masked_logger("workers.context")
 
 _HEALTH_EVERY = 2.0
 #: a successful round trip this recent spares the check before the next dequeue
@@ -89,7 +89,7 @@ class JobContext:
                 with contextlib.suppress(Exception):  # it is discarded anyway
                     conn.close()
                 raise DatabaseUnavailable(
-                    f"PostgreSQL unavailable at {mask_url(self.settings.database_url)}: {_first_line(exc)}"
+                    f"PostgreSQL unavailable at {mask_url(self.settings.database_url)}: {first_line(exc)}"
                 ) from None
             self._conn = conn
         return self._conn
@@ -149,7 +149,7 @@ class JobContext:
 
     def database_failed(self, exc: BaseException) -> None:
         self._ok_at = -_CHECK_FRESH
-        self.last_error = _first_line(exc)
+        self.last_error = first_line(exc)
         if self.db_down_since is None:
             self.db_down_since = time.monotonic()
             logger.warning(
@@ -184,13 +184,3 @@ class JobContext:
     def close(self) -> None:
         self.withdraw_report()
         self.discard_connection()
-
-
-def _first_line(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    if primary:
-        # the primary message only: DETAIL and CONTEXT may quote the user's data (a COPY row)
-        return str(primary)
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

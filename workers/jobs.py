@@ -23,7 +23,6 @@ reported by its primary message only (its DETAIL and CONTEXT may quote a row).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from rq import get_current_job
 
 from perth_pipeline.broker import make_redis
 from perth_pipeline.errors import DatabaseUnavailable
+from perth_pipeline.masking import first_line, masked_logger
 from perth_pipeline.records import (
     BATCH_ADAPTER,
     MAX_OPS_PER_BATCH,
@@ -51,7 +51,7 @@ from .serializer import ParsedBatch
 
 __all__ = ["ALLOWED", "PoisonBatch", "TransientFailure", "apply_batch", "bind", "parse_batch"]
 
-logger = logging.getLogger("workers.jobs")
+logger = masked_logger("workers.jobs")
 
 
 class _Process:
@@ -256,7 +256,7 @@ def _apply(
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _settle_outstanding(context: JobContext, batch: Batch) -> None:
@@ -270,15 +270,6 @@ def _settle_outstanding(context: JobContext, batch: Batch) -> None:
             pipe.execute()
     except redis.RedisError:
         pass  # readers skip batches that are no longer queued or started anyway
-
-
-def _first_line(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    if primary:
-        return str(primary)  # never DETAIL or CONTEXT: they may quote the user's data
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 #: The job functions a worker runs, by the name producers put on the queue.

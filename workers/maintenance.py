@@ -7,18 +7,18 @@ validated here; anything else is refused into the failed registry.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from perth_pipeline.errors import DatabaseUnavailable
+from perth_pipeline.masking import masked_logger
 from perth_pipeline.retention import MIN_JOB_RETENTION, run_cleanup
 
 __all__ = ["CleanupOptions", "cleanup"]
 
-logger = logging.getLogger("workers.maintenance")
+logger = masked_logger("workers.maintenance")
 
 #: Sessions listed in the job's result (the counts are always complete).
 _LISTED = 100

@@ -32,7 +32,6 @@ prometheus-client is the ``metrics`` extra: without it, recording is a no-op and
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import re
 import shutil
@@ -45,12 +44,13 @@ import redis
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from perth_pipeline.broker import Keys, make_queue, make_redis
+from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings, mask_url
 from perth_pipeline.status import producer_totals, queue_lag
 
 __all__ = ["parse_address", "record_batch", "record_failure", "serve_metrics"]
 
-logger = logging.getLogger("workers.metrics")
+logger = masked_logger("workers.metrics")
 
 #: Apply latency buckets (seconds): a small batch takes a few ms, a 1000-op one tens of ms.
 _BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

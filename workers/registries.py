@@ -15,7 +15,6 @@ None of these imports or runs anything named by a job (they handle
 
 from __future__ import annotations
 
-import logging
 import zlib
 from typing import Any
 
@@ -26,6 +25,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 
+from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings
 
 from . import metrics
@@ -33,7 +33,7 @@ from .vetting import PerthJob, short
 
 __all__ = ["enqueue_overdue", "quarantine", "requeue_abandoned"]
 
-logger = logging.getLogger("workers.registries")
+logger = masked_logger("workers.registries")
 
 _FINAL = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 #: seconds past due after which maintenance takes a scheduled retry (RQ's scheduler polls each second)

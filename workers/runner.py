@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import logging
 import os
 import signal
 import subprocess
@@ -17,13 +16,14 @@ from types import FrameType
 
 from perth_pipeline.broker import make_queue, make_redis
 from perth_pipeline.logs import configure_logging
+from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings
 
 from .worker import PerthJob, PerthWorker
 
 __all__ = ["Supervisor", "main", "run_worker"]
 
-logger = logging.getLogger("workers.runner")
+logger = masked_logger("workers.runner")
 
 _PR_SET_PDEATHSIG = 1
 _registered: set[int] = set()  # processes that registered the fork hook (it is not undone)

@@ -45,6 +45,7 @@ from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
 from perth_pipeline.broker import Keys
+from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings
 
 from . import jobs, metrics, registries
@@ -54,7 +55,7 @@ from .vetting import MAX_JOB_BYTES, PerthJob, UnknownJobFunction, UnreadableJobH
 
 __all__ = ["MAX_JOB_BYTES", "PerthJob", "PerthWorker", "UnknownJobFunction"]
 
-logger = logging.getLogger("workers.worker")
+logger = masked_logger("workers.worker")
 
 
 #: How often the worker's command-channel thread wakes (RQ: 60 s; see PerthWorker.subscribe).

@@ -202,6 +202,12 @@ def test_text_logs_mask_secrets(capsys: pytest.CaptureFixture[str]) -> None:
         ("host=h password='a b' dbname=d", "host=h password=*** dbname=d"),
         ("http://host:8080/path@v2 is not a password", "http://host:8080/path@v2 is not a password"),
         ("redis://h:6379/0", "redis://h:6379/0"),
+        ("postgresql://postgres@h:5432/test", "postgresql://postgres@h:5432/test"),
+        # malformed: libpq and redis-py quote them back in their errors
+        ('after "postgresq://u:pw@h:5432/db" in', 'after "postgresq://u:***@h:5432/db" in'),
+        ("rediss//:pw@h:6379", "rediss//:***@h:6379"),
+        ("redis://:p@ss/w#rd@h:1/0 and more", "redis://:***@h:1/0 and more"),
+        ("redis://h:1/0?password=pw&db=1", "redis://h:1/0?password=***&db=1"),
     ],
 )
 def test_mask_secrets(raw: str, masked: str) -> None:
