@@ -19,6 +19,9 @@ from redis.retry import Retry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from .errors import InvalidSetting
+from .masking import first_line, mask_url
+
 __all__ = [
     "LIVE_STATUSES",
     "DbHealth",
@@ -50,6 +53,8 @@ def make_redis(
 ) -> redis.Redis:
     """A client that fails fast: short connect and read timeouts, and no silent retries.
 
+    A URL redis-py cannot parse raises :class:`InvalidSetting` (a ``ValueError``), masked.
+
     redis-py 8 defaults to 5 s timeouts and up to 10 retries with back-off (a silent
     server took 59 s to fail here); the terminal cannot afford either.
     """
@@ -62,7 +67,10 @@ def make_redis(
     }
     if client_name:
         kwargs["client_name"] = client_name
-    client: redis.Redis = redis.Redis.from_url(url, **kwargs)
+    try:
+        client: redis.Redis = redis.Redis.from_url(url, **kwargs)
+    except ValueError as exc:  # its text quotes nothing, but the URL it names may hold a password
+        raise InvalidSetting(f"invalid REDIS_URL {mask_url(url)}: {first_line(exc)}") from None
     return client
 
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, NoReturn
 
 import click
 
-from .errors import NotFound, PersistenceError
+from .errors import InvalidSetting, NotFound, PersistenceError
 from .logs import configure_logging
 from .settings import Settings
 
@@ -322,7 +322,10 @@ def up(ctx: click.Context, procfile: Path | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="perth-pipeline")
+    try:
+        cli(prog_name="perth-pipeline")
+    except InvalidSetting as exc:  # a URL a driver cannot parse, from any command: one line
+        fail(str(exc), 2)
 
 
 if __name__ == "__main__":

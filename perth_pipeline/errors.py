@@ -9,8 +9,10 @@ working.
 from __future__ import annotations
 
 __all__ = [
+    "DatabaseError",
     "DatabaseUnavailable",
     "InvalidRecord",
+    "InvalidSetting",
     "NotFound",
     "PersistenceError",
     "QueueUnavailable",
@@ -30,6 +32,10 @@ class InvalidRecord(PersistenceError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class InvalidSetting(PersistenceError, ValueError):
+    """A setting cannot be used as given (a URL its driver cannot parse). The message is masked."""
+
+
 class NotFound(PersistenceError, LookupError):
     """A read asked for something that is not stored (or was deleted)."""
 
@@ -40,3 +46,10 @@ class QueueUnavailable(PersistenceError, ConnectionError):
 
 class DatabaseUnavailable(PersistenceError, ConnectionError):
     """PostgreSQL did not answer. Raised by reads and commands, never by write calls."""
+
+
+class DatabaseError(PersistenceError):
+    """PostgreSQL refused a statement (a timeout, a read-only standby, a constraint).
+
+    The driver's error is the ``__cause__`` when its text carries no secret; the message is masked.
+    """

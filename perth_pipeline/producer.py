@@ -26,7 +26,6 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-import psycopg
 import redis
 import zstandard
 from rq.job import Job, JobStatus, Retry
@@ -46,6 +45,7 @@ from .buffer import (
     Touch,
 )
 from .errors import DatabaseUnavailable, InvalidRecord, NotFound, PersistenceError
+from .masking import masked_logger
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
 from .store import Store
@@ -53,7 +53,7 @@ from .validation import verify_template_name
 
 __all__ = ["PersistenceManager", "close_all"]
 
-logger = logging.getLogger("perth_pipeline.producer")
+logger = masked_logger("perth_pipeline.producer")
 
 _POLL_BATCH = 200  # the oldest batches in flight whose state one poll reads
 _POLL_CHUNK = 50  # ... in pipelines of this many
@@ -761,9 +761,9 @@ class PersistenceManager:
             pane_ids = random.sample(pane_ids, min(len(pane_ids), _ROUTE_LOOKUP_MAX // 2))
         try:
             routes = self._store.routes(tab_ids, pane_ids)
-        except PersistenceError:
+        except DatabaseUnavailable:
             return  # unreachable: the health check says so; the writes wait
-        except psycopg.Error as exc:  # e.g. a database whose schema predates the look-up
+        except PersistenceError as exc:  # e.g. a database whose schema predates the look-up
             if now - self._route_error_logged_at >= _LOG_EVERY:
                 self._route_error_logged_at = now
                 logger.warning(

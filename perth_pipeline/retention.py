@@ -16,7 +16,6 @@ transaction, so that no transaction holds thousands of locks.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,12 +28,13 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .locks import lock_key
+from .masking import masked_logger
 from .queries import load_queries
 from .settings import parse_duration
 
 __all__ = ["CleanupReport", "cleanup_command", "run_cleanup"]
 
-logger = logging.getLogger("perth_pipeline.retention")
+logger = masked_logger("perth_pipeline.retention")
 
 _CHUNK = 500
 _ATTEMPTS = 5
@@ -301,7 +301,7 @@ def cleanup_command(
     import json
 
     from .cli import fail
-    from .errors import PersistenceError
+    from .errors import DatabaseError, PersistenceError
     from .store import connect, wrap_errors
 
     age = _seconds(older_than, "--older-than")
@@ -321,11 +321,10 @@ def cleanup_command(
             ) as conn,
         ):
             report = run_cleanup(conn, older_than=age, tombstone_retention=tomb_age, dry_run=dry_run)
+    except DatabaseError as exc:  # a statement timeout, a read-only standby...: one line, no traceback
+        fail(f"cleanup stopped: {exc} (what was removed before it stays removed)")
     except PersistenceError as exc:
         fail(str(exc))
-    except psycopg.Error as exc:  # a statement timeout, a read-only standby...: one line, no traceback
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        fail(f"cleanup stopped: {type(exc).__name__}: {first} (what was removed before it stays removed)")
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
         return

@@ -9,7 +9,6 @@ connect and statement timeouts, and reopened after it breaks.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,34 +18,53 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 
-from .errors import DatabaseUnavailable, PersistenceError
+from .errors import DatabaseError, DatabaseUnavailable, PersistenceError
+from .masking import carries_secret, first_line, mask_url, masked_logger
 from .queries import load_queries, schema_sql
 from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord, inflate_chunk
-from .settings import mask_url
 
 __all__ = ["Routes", "Store", "connect", "wrap_errors"]
 
-logger = logging.getLogger("perth_pipeline.store")
+logger = masked_logger("perth_pipeline.store")
 
 _SCHEMA_LOCK = 0x7065727468  # "perth": serializes concurrent init-db runs
 
 
 @contextmanager
 def wrap_errors(url: str | None = None) -> Iterator[None]:
-    """Translate psycopg's connection-level errors into :class:`DatabaseUnavailable`."""
+    """Translate psycopg's errors into the project's, with a masked message.
+
+    A connection that fails, or a ``DATABASE_URL`` libpq cannot parse, is
+    :class:`DatabaseUnavailable`; a statement PostgreSQL refuses is :class:`DatabaseError`. The
+    driver's error stays the ``__cause__`` unless its text carries a password (libpq quotes a
+    URL it cannot parse, password and all).
+    """
     try:
         yield
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"PostgreSQL unavailable at {mask_url(url)}: {_first_line(exc)}") from exc
     except psycopg.errors.UndefinedTable as exc:
         raise PersistenceError(
             f"the database at {mask_url(url)} has no perth-pipeline schema: run `perth-pipeline init-db`"
         ) from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"PostgreSQL unavailable at {mask_url(url)}: {first_line(exc)}") from _safe(
+            exc
+        )
+    except psycopg.ProgrammingError as exc:
+        if getattr(exc, "sqlstate", None):
+            raise DatabaseError(f"PostgreSQL refused a statement: {_describe(exc)}") from _safe(exc)
+        # no SQLSTATE: raised by libpq's parsing of the connection string, before any server
+        raise DatabaseUnavailable(f"invalid DATABASE_URL {mask_url(url)}: {first_line(exc)}") from _safe(exc)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"PostgreSQL refused a statement: {_describe(exc)}") from _safe(exc)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _describe(exc: psycopg.Error) -> str:
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _safe(exc: BaseException) -> BaseException | None:
+    """``exc`` when it may be chained (printed in a traceback), None when its text holds a secret."""
+    return None if carries_secret(exc) else exc
 
 
 def connect(

@@ -8,11 +8,13 @@ refused for an invalid neighbour, timed out and retried, or a database that is d
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +32,10 @@ from rq.serializers import JSONSerializer
 from benchmarks.servers import ThrowawayRedis, free_port
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
+from perth_pipeline.broker import Keys, read_db_health
+from perth_pipeline.errors import PersistenceError
 from perth_pipeline.settings import Settings
+from workers.context import JobContext
 
 from ..e2e.procs import WorkerProcs
 from ..helpers import now, pane, require, session, tab, wait_for
@@ -233,3 +238,69 @@ def test_status_and_errors_never_show_a_password(
     text = "\n".join(outputs)
     assert "127.0.0.1" in text  # the outputs do name the servers
     assert not leaks(text, PASSWORDS), [o for o in outputs if leaks(o, PASSWORDS)][:2]
+
+
+# URLs a typo broke: libpq and redis-py quote them back whole in their errors
+MALFORMED_DATABASE = f"postgresq://postgres:{PG_PASSWORD}@127.0.0.1:5432/test"
+MALFORMED_REDIS = f"rediss//:{REDIS_PASSWORD}@127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("broken", ["database", "redis"])
+def test_a_malformed_url_is_masked_on_every_command(settings: Settings, broken: str) -> None:
+    update = {"database_url": MALFORMED_DATABASE} if broken == "database" else {"redis_url": MALFORMED_REDIS}
+    bad = settings.model_copy(update=update)
+    outputs = []
+    for args in (
+        ["status"],
+        ["status", "--json"],
+        ["sessions"],
+        ["init-db"],
+        ["restore", str(uuid.uuid4()), "--wait", "0"],
+        ["cleanup", "--older-than", "30d", "--dry-run"],
+    ):
+        result = cli(bad, *args)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+        if broken == "database":  # every one of them needs PostgreSQL: one line, exit 1
+            assert result.returncode == 1, (args, result.stdout, result.stderr)
+        outputs.append(result.stdout + result.stderr)
+    text = "\n".join(outputs)
+    assert ":***@127.0.0.1" in text  # the URL is shown, masked, so the typo can be seen
+    assert not leaks(text, PASSWORDS), [o for o in outputs if leaks(o, PASSWORDS)][:2]
+
+
+def test_the_library_masks_its_errors_and_logs_whatever_the_handler(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host application's own logging (no configure_logging) and its tracebacks carry no password."""
+    bad = settings.model_copy(update={"database_url": MALFORMED_DATABASE})
+    caplog.set_level(logging.DEBUG)
+    with PersistenceManager(settings=bad) as manager:
+        with pytest.raises(PersistenceError) as raised:
+            manager.restore_session(uuid.uuid4(), wait=0)
+        s, t, p = user_data_records()
+        for write, record in ((manager.create_session, s), (manager.create_tab, t), (manager.create_pane, p)):
+            write(record)  # writes are accepted: the terminal is not affected
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "127.0.0.1" in shown and not leaks(shown, PASSWORDS), shown
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(logging.Formatter("%(message)s %(exc_text)s"))
+    rendered = "\n".join(handler.format(r) + " " + str(r.__dict__) for r in caplog.records)
+    assert not leaks(rendered, PASSWORDS), leaks(rendered, PASSWORDS)
+
+
+def test_the_health_hash_carries_no_password(settings: Settings) -> None:
+    """A worker whose DATABASE_URL is malformed reports why, masked, where status and producers read it."""
+    bad = settings.model_copy(update={"database_url": MALFORMED_DATABASE, "health_ttl": 60})
+    client = redis.Redis.from_url(settings.redis_url or "")
+    context = JobContext(bad, client, name="secrets-test")
+    try:
+        assert context.check_database() is False
+        raw = {k.decode(): v.decode() for k, v in client.hgetall(Keys(bad.queue).db_health).items()}
+        health = read_db_health(client, Keys(bad.queue), ttl=60)
+    finally:
+        context.close()
+        client.delete(Keys(bad.queue).db_health)
+        client.close()
+    assert raw, "the worker reported nothing"
+    text = json.dumps(raw) + json.dumps(health.as_dict(), default=str)
+    assert "postgres:***@" in text and not leaks(text, PASSWORDS), text
