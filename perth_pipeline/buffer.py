@@ -846,13 +846,12 @@ class Buffer:
         self,
         tabs: dict[UUID, UUID] | None = None,
         panes: dict[UUID, tuple[UUID, UUID]] | None = None,
-        *,
-        gone_panes: Iterable[UUID] = (),
     ) -> None:
         """Remember ancestors read from the database (restores, look-ups), bounded.
 
-        ``gone_panes`` are panes the database holds a tombstone of and no row: their pending
-        chunks are moot (superseded), and so is what is appended to them later.
+        A pane known only by its tombstone is routed by it like any other: its chunks are sent and
+        the workers judge them by version (another terminal may have created it again). Only this
+        terminal's own delete of a pane (or of its tab or session) makes its scrollback moot.
         """
         with self._lock:
             for tab_id, session_id in (tabs or {}).items():
@@ -866,11 +865,6 @@ class Buffer:
             for routes in (self._tab_routes, self._pane_routes):
                 while len(routes) > self.max_entities:
                     routes.popitem(last=False)
-            for pane_id in gone_panes:
-                ident = pane_id.int
-                if (PANE, ident) not in self._live:  # a pane this terminal holds is not gone
-                    self._remember_gone(ident, self._pane_routes.get(ident, (None, None)))
-                    self._scrollback.drop_panes({ident})
             self._routes_changed = True
 
     def redirty(

@@ -258,18 +258,17 @@ class Store:
     def routes(self, tab_ids: list[UUID], pane_ids: list[UUID]) -> Routes:
         """The ancestors of these tabs and panes, from their rows or their tombstones."""
         tabs = {r["id"]: r["session_id"] for r in self._all("tab_routes", ids=tab_ids)} if tab_ids else {}
-        panes: dict[UUID, tuple[UUID, UUID]] = {}
-        gone: list[UUID] = []
-        for row in self._all("pane_routes", ids=pane_ids) if pane_ids else ():
-            panes[row["id"]] = (row["tab_id"], row["session_id"])
-            if row["deleted"]:
-                gone.append(row["id"])
-        return Routes(tabs, panes, gone)
+        rows = self._all("pane_routes", ids=pane_ids) if pane_ids else []
+        panes = {row["id"]: (row["tab_id"], row["session_id"]) for row in rows}
+        return Routes(tabs, panes)
 
 
 class Routes(NamedTuple):
-    """What :meth:`Store.routes` found: tab -> session, pane -> (tab, session), deleted panes."""
+    """What :meth:`Store.routes` found: tab -> session, pane -> (tab, session).
+
+    A deleted tab or pane is routed by its tombstone, like a live one: what is written under it is
+    sent, and the workers judge it by version (another terminal may have created it again).
+    """
 
     tabs: dict[UUID, UUID]
     panes: dict[UUID, tuple[UUID, UUID]]
-    gone_panes: list[UUID]

@@ -75,10 +75,10 @@ WHERE d.kind = 'tab' AND d.id = ANY(%(ids)s) AND d.session_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM tabs t WHERE t.id = d.id);
 
 -- name: pane_routes
--- The tab and session of each pane, from its row or from its tombstone (then `deleted`).
-SELECT id, tab_id, session_id, false AS deleted FROM panes WHERE id = ANY(%(ids)s)
+-- The tab and session of each pane, from its row or from its tombstone.
+SELECT id, tab_id, session_id FROM panes WHERE id = ANY(%(ids)s)
 UNION ALL
-SELECT d.id, d.tab_id, d.session_id, true FROM tombstones d
+SELECT d.id, d.tab_id, d.session_id FROM tombstones d
 WHERE d.kind = 'pane' AND d.id = ANY(%(ids)s) AND d.tab_id IS NOT NULL AND d.session_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM panes p WHERE p.id = d.id);
 

@@ -132,7 +132,7 @@ def test_writes_under_a_tab_deleted_elsewhere_are_routed_by_its_tombstone(
     settings: Settings, pg: psycopg.Connection[Any]
 ) -> None:
     # B never held the tab or the pane: A created and deleted them. B's deletes are still sent
-    # (the tombstones tell their session), and B's late scrollback of the deleted pane is moot:
+    # (the tombstones tell their session), and B's late scrollback of the pane it deleted is moot:
     # nothing waits forever, and the rows stay right.
     s = session("tombstones")
     gone = tab(s.id)
@@ -152,7 +152,7 @@ def test_writes_under_a_tab_deleted_elsewhere_are_routed_by_its_tombstone(
         b.append_pane_history(chunk(doomed.id, 0, b"late"))
         settle(b, settings)
         assert b.stats()["unrouted"] == 0
-        assert b.stats()["superseded"] >= 1  # the chunk of a pane the database knows is gone
+        assert b.stats()["superseded"] >= 1  # the chunk of a pane this terminal deleted
     assert pg.execute("SELECT count(*) FROM tabs WHERE id = %s", (gone.id,)).fetchone() == (0,)
     assert pg.execute("SELECT count(*) FROM pane_history WHERE pane_id = %s", (doomed.id,)).fetchone() == (0,)
     drain(settings)

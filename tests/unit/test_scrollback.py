@@ -84,16 +84,32 @@ def test_chunks_of_panes_under_a_deleted_tab_are_dropped_and_a_recreated_pane_wr
     assert [c.chunk.chunk_index for c in b.drain(100).chunks] == [1]
 
 
-def test_panes_the_database_knows_are_gone_drop_their_parked_chunks() -> None:
+def test_a_pane_known_only_by_its_tombstone_is_routed_by_it_and_its_chunks_are_sent() -> None:
+    # another terminal deleted the pane (the route look-up read its tombstone) and may have created
+    # it again since: the chunks are not moot for this terminal, the workers judge them by version
     b = make_buffer()
     stranger = uuid.uuid4()
     b.append_history(chunk(stranger, 0))
     assert len(b.drain(10)) == 0
-    b.learn_routes(panes={stranger: (uuid.uuid4(), uuid.uuid4())}, gone_panes=[stranger])
-    assert b.gauges()["pending_history_chunks"] == 0
-    assert b.min_unsent_seq() is None
+    assert b.unrouted() == ([], [stranger])
+    route = (uuid.uuid4(), uuid.uuid4())
+    b.learn_routes(panes={stranger: route})  # from the tombstone: the producer does not tell it apart
     b.append_history(chunk(stranger, 1))
+    b.unrouted()  # the flusher's look-up releases what is parked
+    sent = b.drain(10).chunks
+    assert [(c.chunk.chunk_index, c.tab_id, c.session_id) for c in sent] == [(0, *route), (1, *route)]
     assert b.gauges()["pending_history_chunks"] == 0
+    assert b.counters["superseded"] == 0
+
+
+def test_chunks_of_a_pane_this_terminal_deleted_stay_moot_whatever_the_database_says() -> None:
+    b = make_buffer()
+    tab_id, p = held_pane(b)
+    b.delete("pane", p)
+    b.learn_routes(panes={p: (tab_id, uuid.uuid4())})  # a look-up (of a tombstone) routes it
+    b.append_history(chunk(p, 0))  # the pty drains after the close: moot
+    assert b.gauges()["pending_history_chunks"] == 0
+    assert b.counters["superseded"] == 1
 
 
 def test_the_bound_counts_what_a_chunk_costs_in_memory() -> None:
