@@ -321,6 +321,47 @@ def up(ctx: click.Context, procfile: Path | None) -> None:
     sys.exit(run_stack(settings, procfile))
 
 
+@cli.command()
+@click.option("--bind", "-b", default="127.0.0.1", show_default=True, envvar="RQ_DASHBOARD_BIND")
+@click.option(
+    "--port", "-p", default=9181, show_default=True, type=click.IntRange(0, 65535), envvar="RQ_DASHBOARD_PORT"
+)
+@click.option(
+    "--json",
+    "json_jobs",
+    is_flag=True,
+    envvar="RQ_DASHBOARD_JSON",
+    help="Jobs are JSON (RQ's JSONSerializer), as ours are.",
+)
+@click.option(
+    "--disable-delete", is_flag=True, envvar="RQ_DASHBOARD_DISABLE_DELETE", help="Hide the delete buttons."
+)
+@click.option("--poll-interval", type=click.IntRange(100), default=None, envvar="RQ_DASHBOARD_POLL_INTERVAL")
+@click.option(
+    "--url-prefix", default="", envvar="RQ_DASHBOARD_URL_PREFIX", help="e.g. behind a reverse proxy."
+)
+def dashboard(
+    *, bind: str, port: int, json_jobs: bool, disable_delete: bool, poll_interval: int | None, url_prefix: str
+) -> None:
+    """rq-dashboard, guarded: refuses cross-site changes, never shows the Redis password.
+
+    Redis: RQ_DASHBOARD_REDIS_URL, else REDIS_URL. Basic auth: RQ_DASHBOARD_USERNAME and
+    RQ_DASHBOARD_PASSWORD, both or neither (one alone: exit 2).
+    """
+    from .dashboard import main as serve_dashboard
+
+    sys.exit(
+        serve_dashboard(
+            bind,
+            port,
+            json_jobs=json_jobs,
+            disable_delete=disable_delete,
+            poll_interval=poll_interval,
+            url_prefix=url_prefix,
+        )
+    )
+
+
 def main() -> None:
     try:
         cli(prog_name="perth-pipeline")

@@ -9,6 +9,7 @@ it: a worker finishes the batch in hand, the dashboard stops at once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -51,6 +52,13 @@ def stack_environment(settings: Settings, base: dict[str, str] | None = None) ->
     return env
 
 
+def _dashboard_missing(command: str, path: str) -> bool:
+    """Whether ``command`` runs rq-dashboard (itself, or ours around it) and it is not installed."""
+    if "perth-pipeline dashboard" in command:
+        return importlib.util.find_spec("rq_dashboard") is None
+    return "rq-dashboard" in command and shutil.which("rq-dashboard", path=path) is None
+
+
 def run_stack(settings: Settings, procfile: Path | None = None) -> int:
     """Run every process of the Procfile until one stops or Ctrl-C; returns honcho's exit code."""
     from honcho.environ import parse_procfile
@@ -72,7 +80,7 @@ def run_stack(settings: Settings, procfile: Path | None = None) -> int:
     )
     manager = Manager(Printer(sys.stdout))
     for name, command in processes.items():
-        if "rq-dashboard" in command and shutil.which("rq-dashboard", path=env["PATH"]) is None:
+        if _dashboard_missing(command, env["PATH"]):
             # honcho stops the whole stack when one process exits: leave it out rather than fail
             print(
                 f"perth-pipeline up: {name} left out: rq-dashboard is not installed "

@@ -3,12 +3,14 @@
 The dashboard runs against a Redis of this module's own (so its pages list this test's
 queue only), with a finished, a queued and a failed batch written by the project's
 producer and worker. One test drives the pages in headless Chromium and saves the
-screenshots that docs/operations.md and the README show.
+screenshots that docs/operations.md and the README show. The line runs rq-dashboard inside
+perth_pipeline.dashboard's guard: the last tests show what the guard refuses and hides.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import shutil
@@ -143,7 +145,8 @@ def start_dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 
     def start(redis_url: str, **env: str) -> Dashboard:
         require(
-            shutil.which("rq-dashboard") is not None, "rq-dashboard is not installed (the 'dashboard' extra)"
+            importlib.util.find_spec("rq_dashboard") is not None,
+            "rq-dashboard is not installed (the 'dashboard' extra)",
         )
         port = free_port()
         environment = {
@@ -198,9 +201,9 @@ def dashboard(stocked: Stocked, start_dashboard: Callable[..., Dashboard]) -> Da
     return start_dashboard(stocked.redis_url)
 
 
-def test_the_procfile_line_runs_rq_dashboard_with_json_on_loopback(dashboard: Dashboard) -> None:
+def test_the_procfile_line_runs_the_guarded_dashboard_with_json_on_loopback(dashboard: Dashboard) -> None:
     command = dashboard_command()
-    assert "rq-dashboard" in command and "--json" in command
+    assert "exec perth-pipeline dashboard" in command and "--json" in command
     psutil = require_module("psutil")
     listening = [
         c.laddr for c in psutil.Process(dashboard.pid).net_connections(kind="inet") if c.status == "LISTEN"

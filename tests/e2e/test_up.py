@@ -125,7 +125,7 @@ def test_up_runs_the_procfile_on_embedded_servers_and_ctrl_c_leaves_no_process(t
             # everything `up` started, before Ctrl-C
             tree = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
             commands = " ".join(" ".join(proc.cmdline()) for proc in tree)
-            assert "perth-pipeline worker" in commands and "rq-dashboard" in commands
+            assert "perth-pipeline worker" in commands and "perth-pipeline dashboard" in commands
             redis_pid = json.loads((data / "redis" / "server.json").read_text())["pid"]
             postmaster_pid = int((data / "postgres" / "postmaster.pid").read_text().split()[0])
             servers = [psutil.Process(redis_pid), psutil.Process(postmaster_pid)]
