@@ -6,6 +6,7 @@ import base64
 import subprocess
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from perth_pipeline.dashboard import (
     redis_url_from_env,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = "127.0.0.1:9181"
 
 
@@ -194,3 +196,17 @@ def test_the_command_line_help_does_not_import_rq_dashboard() -> None:
         "assert 'rq_dashboard' not in sys.modules and 'flask' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_up_still_leaves_the_dashboard_out_without_rq_dashboard(monkeypatch: pytest.MonkeyPatch) -> None:
+    from honcho.environ import parse_procfile
+
+    from perth_pipeline import stack
+
+    line = str(parse_procfile(stack.find_procfile(ROOT / "Procfile")).processes["dashboard"])
+    assert "perth-pipeline dashboard" in line
+    assert not stack._dashboard_missing("perth-pipeline worker", "")
+    monkeypatch.setattr(stack.importlib.util, "find_spec", lambda name: None)
+    assert stack._dashboard_missing(line, "")
+    # an older Procfile that runs rq-dashboard itself: looked for on PATH, as before
+    assert stack._dashboard_missing("exec rq-dashboard --json", "")
