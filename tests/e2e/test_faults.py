@@ -1,6 +1,6 @@
 """Faults end to end: the terminal never waits, and an outage loses none of the live state.
 
-DESIGN.md rules 1 to 3 under four faults, each on a server of the test's own
+docs/design.md, rules 1 to 3, under four faults, each on a server of the test's own
 (benchmarks/servers.py: the shared Redis and PostgreSQL are never stopped):
 
 * Redis refusing connections (not started yet, then stopped);

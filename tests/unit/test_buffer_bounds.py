@@ -1,4 +1,4 @@
-"""Memory stays bounded (DESIGN.md rule 3): the entity bound and the scrollback byte bound."""
+"""Memory stays bounded (docs/design.md, rule 3): the entity bound and the scrollback byte bound."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property tests of the write-behind buffer (DESIGN.md rules 2 and 3).
+"""Property tests of the write-behind buffer (docs/design.md, rules 2 and 3).
 
 Hypothesis drives a terminal through any sequence of creates, updates, deletes,
 re-creations, touches and scrollback chunks, interleaved with flushes whose
@@ -235,7 +235,7 @@ class BufferMachine(RuleBasedStateMachine):
         active = previous.last_active - timedelta(minutes=1) if previous and stale else self.now
         record = SessionRecord(id=sid, name=name, created_at=created, last_active=active)
         self.buffer.put_session(record)
-        if previous is not None:  # last_active only grows (a max register, DESIGN.md rule 4)
+        if previous is not None:  # last_active only grows (a max register, docs/design.md, rule 4)
             record = record.model_copy(update={"last_active": max(active, previous.last_active)})
         self.sessions[sid] = record
         self.held.add((SESSION, sid))

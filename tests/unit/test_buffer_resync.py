@@ -1,6 +1,6 @@
 """The buffer when deliveries fail: what is given back, in what order, and what it holds on to.
 
-Deterministic cases of DESIGN.md rule 3 that the property tests
+Deterministic cases of docs/design.md, rule 3, that the property tests
 (test_buffer_properties.py) reach only rarely: each is a sequence that once lost a
 write, or memory.
 """

@@ -1,6 +1,6 @@
 """Bad input is refused in the caller's thread, naming the field, and nothing invalid reaches the queue.
 
-Two places refuse it (DESIGN.md, the contract): pydantic's ``ValidationError`` when a
+Two places refuse it (docs/design.md, the public surface): pydantic's ``ValidationError`` when a
 record is built, and ``InvalidRecord`` (a ``ValueError``) from a write call, for what a
 record can still carry after validation: values set with ``model_copy(update=...)``
 (which pydantic does not validate), JSON fields mutated in the caller's hands, sizes

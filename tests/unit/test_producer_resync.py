@@ -1,4 +1,4 @@
-"""Nothing of the live state is lost to an outage (DESIGN.md rule 3), against fakeredis.
+"""Nothing of the live state is lost to an outage (docs/design.md, rule 3), against fakeredis.
 
 A batch that could not be enqueued, or whose job vanished from Redis or ended in the
 failed registry, leaves its entities dirty, and they are sent again; while
