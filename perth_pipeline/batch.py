@@ -39,6 +39,7 @@ from rq.job import Job
 
 from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
 from .records import FORMAT_VERSION, PaneRecord, SessionRecord, TabRecord, TemplateRecord, compact_json
+from .units import plural
 
 __all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches"]
 
@@ -302,9 +303,5 @@ def describe(ops: int, sessions: list[UUID], chunks: int = 0) -> str:
     """What the dashboard shows for a batch: counts and ids only, never the user's data."""
     shown = ", ".join(str(s)[:8] for s in sessions[:3])
     more = f" +{len(sessions) - 3}" if len(sessions) > 3 else ""
-    history = f", {_count(chunks, 'scrollback chunk')}" if chunks else ""
-    return f"apply_batch: {_count(ops, 'op')}{history} for {_count(len(sessions), 'session')} [{shown}{more}]"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    history = f", {plural(chunks, 'scrollback chunk')}" if chunks else ""
+    return f"apply_batch: {plural(ops, 'op')}{history} for {plural(len(sessions), 'session')} [{shown}{more}]"

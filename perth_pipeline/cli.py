@@ -7,10 +7,11 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import ClassVar
 
 import click
 
+from .commands.common import CliState, fail, init_schema, parse_session_id
 from .errors import InvalidSetting, NotFound, PersistenceError
 from .logs import configure_logging
 from .settings import Settings
@@ -18,65 +19,9 @@ from .settings import Settings
 __all__ = ["CliState", "cli", "fail", "init_schema", "main"]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _session_id(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        fail(f"SESSION_ID {value!r} is not a UUID (expected e.g. 7f0c2d3e-...)", code=2)
-
-
-class CliState:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.servers: Any = None
-
-    def backends(self, ctx: click.Context, *, init: str = "never") -> Settings:
-        """The settings with both URLs: from the environment, or embedded servers started here.
-
-        ``init``: apply the schema "always", only for "embedded" servers, or "never".
-        """
-        s = self.settings
-        if s.redis_url and s.database_url:
-            if init == "always":
-                init_schema(s.database_url)
-            return s
-        if s.redis_url or s.database_url:
-            fail("set both REDIS_URL and DATABASE_URL, or neither to use the embedded servers")
-        from .embedded import EmbeddedServers
-
-        click.echo(f"no REDIS_URL/DATABASE_URL: using embedded servers in {s.data_dir}", err=True)
-        self.servers = EmbeddedServers(s.data_dir)
-        try:
-            redis_url, database_url = self.servers.start()
-        except PersistenceError as exc:
-            fail(str(exc))
-        ctx.call_on_close(self.servers.stop)
-        self.settings = s.with_urls(redis_url, database_url)
-        if init in ("always", "embedded"):
-            init_schema(database_url)
-        return self.settings
-
-
-def init_schema(database_url: str) -> int:
-    from .store import Store
-
-    store = Store(database_url)
-    try:
-        return store.init_db()
-    except PersistenceError as exc:
-        fail(str(exc))
-    finally:
-        store.close()
-
-
 def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path | None, wait: float) -> None:
     state: CliState = ctx.obj
-    sid = _session_id(session_id)
+    sid = parse_session_id(session_id)
     settings = state.backends(ctx)
     from .producer import PersistenceManager
     from .snapshot import session_document
@@ -111,11 +56,23 @@ class _LazyGroup(click.Group):
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
         # name: (module, attribute, one-line help)
         "bench": ("benchmarks.harness", "bench_command", "Measure the pipeline beside the naive design."),
-        "cleanup": ("perth_pipeline.retention", "cleanup_command", "Remove old sessions and tombstones."),
-        "scheduler": ("perth_pipeline.scheduler", "scheduler_command", "Enqueue periodic jobs (cleanup)."),
-        "templates": ("perth_pipeline.templates", "templates_command", "List, show, save, delete templates."),
+        "cleanup": (
+            "perth_pipeline.commands.cleanup",
+            "cleanup_command",
+            "Remove old sessions and tombstones.",
+        ),
+        "scheduler": (
+            "perth_pipeline.commands.scheduler",
+            "scheduler_command",
+            "Enqueue periodic jobs (cleanup).",
+        ),
+        "templates": (
+            "perth_pipeline.commands.templates",
+            "templates_command",
+            "List, show, save, delete templates.",
+        ),
         "requeue-failed": (
-            "perth_pipeline.requeue",
+            "perth_pipeline.commands.requeue",
             "requeue_command",
             "Send failed batches back to the queue.",
         ),
@@ -305,7 +262,7 @@ def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
 def demo(ctx: click.Context) -> None:
     """Zero-config end-to-end run: a simulated terminal, workers, a restore."""
     settings = ctx.obj.backends(ctx, init="always")
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     run_demo(settings.model_copy(update={"queue": f"perth-demo-{uuid.uuid4().hex[:6]}"}))
 

@@ -1,4 +1,4 @@
-"""``perth-pipeline requeue-failed``: send failed batches back to the queue.
+"""Failed batches sent back to the queue (``perth-pipeline requeue-failed``).
 
 A batch ends in the failed registry when its retries ran out (PostgreSQL was
 down or timing out for longer than the back-off) or when the workers refused it
@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import click
 import redis
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
@@ -33,11 +32,11 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from .batch import JOB_FUNCTION, describe
-from .broker import Keys, make_redis, redis_host
-from .cli import CliState, fail
+from .broker import Keys
 from .settings import Settings
+from .units import format_duration
 
-__all__ = ["Outcome", "requeue_command", "requeue_failed"]
+__all__ = ["Outcome", "requeue_failed"]
 
 #: Job data larger than this is not a batch of this project (the workers refuse such data too).
 _MAX_DATA = 64 << 20
@@ -51,13 +50,6 @@ class Outcome:
 
     def line(self) -> str:
         return f"{self.action} {self.job_id}: {self.detail}"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
 
 
 def _read_batch(data: bytes | None) -> tuple[dict[str, Any] | None, str]:
@@ -126,7 +118,7 @@ class _Requeuer:
         self.dry_run = dry_run
         self.registry = FailedJobRegistry(settings.queue, connection=client, serializer=JSONSerializer)
         self.cutoff = (time.time_ns() if now_ns is None else now_ns) - int(settings.tombstone_retention * 1e9)
-        self.retention = _duration(settings.tombstone_retention)
+        self.retention = format_duration(settings.tombstone_retention)
 
     def one(self, job_id: str, *, include_refused: bool, delete_skipped: bool) -> Outcome:
         raw: dict[bytes, bytes] = self.client.hgetall(Job.key_for(job_id))  # type: ignore[assignment]
@@ -225,39 +217,3 @@ def requeue_failed(
         requeuer.one(job_id, include_refused=include_refused, delete_skipped=delete_skipped)
         for job_id in requeuer.registry.get_job_ids()
     ]
-
-
-@click.command("requeue-failed")
-@click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
-@click.option(
-    "--include-refused", is_flag=True, help="Also requeue batches the workers refused (after fixing them)."
-)
-@click.option(
-    "--delete-skipped",
-    is_flag=True,
-    help="Delete the failed jobs that are not requeued (refused, not batches).",
-)
-@click.pass_context
-def requeue_command(ctx: click.Context, dry_run: bool, include_refused: bool, delete_skipped: bool) -> None:
-    """Send failed batches back to the queue (dropping operations older than the tombstone retention)."""
-    state: CliState = ctx.obj
-    settings = state.backends(ctx)
-    client = make_redis(settings.redis_url or "", connect_timeout=2.0, socket_timeout=10.0)
-    try:
-        outcomes = requeue_failed(
-            client, settings, dry_run=dry_run, include_refused=include_refused, delete_skipped=delete_skipped
-        )
-    except redis.RedisError as exc:
-        fail(f"Redis unreachable at {redis_host(settings.redis_url)}: {type(exc).__name__}")
-    finally:
-        client.close()
-    for outcome in outcomes:
-        click.echo(outcome.line())
-    counts = {action: sum(1 for o in outcomes if o.action == action) for action in ("requeued", "discarded")}
-    left = sum(1 for o in outcomes if o.action == "skipped")
-    deleted = sum(1 for o in outcomes if o.action == "deleted")
-    summary = (
-        f"{len(outcomes)} failed job(s): {counts['requeued']} requeued, {counts['discarded']} discarded, "
-        f"{deleted} deleted, {left} left in the failed registry"
-    )
-    click.echo(summary + (" (dry run: nothing changed)" if dry_run else ""))

@@ -23,16 +23,15 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import click
 import psycopg
 from psycopg.rows import dict_row
 
 from .locks import lock_key
 from .masking import masked_logger
 from .queries import load_queries
-from .settings import parse_duration
+from .units import format_bytes, format_duration, plural
 
-__all__ = ["CleanupReport", "cleanup_command", "run_cleanup"]
+__all__ = ["CleanupReport", "run_cleanup"]
 
 logger = masked_logger("perth_pipeline.retention")
 
@@ -102,10 +101,10 @@ class CleanupReport:
     def lines(self, *, max_sessions: int = 50) -> list[str]:
         verb = "would remove" if self.dry_run else "removed"
         out = [
-            f"{verb} {_count(len(self.sessions), 'session')} inactive for more than "
-            f"{_duration(self.older_than)} (nothing written since {self.cutoff:%Y-%m-%d %H:%M:%S %Z})"
+            f"{verb} {plural(len(self.sessions), 'session')} inactive for more than "
+            f"{format_duration(self.older_than)} (nothing written since {self.cutoff:%Y-%m-%d %H:%M:%S %Z})"
             if self.cutoff
-            else f"{verb} {_count(len(self.sessions), 'session')}"
+            else f"{verb} {plural(len(self.sessions), 'session')}"
         ]
         for s in self.sessions[:max_sessions]:
             # the time it was last active: the later of its last_active and its last write
@@ -114,40 +113,20 @@ class CleanupReport:
             out.append(f"  ... and {len(self.sessions) - max_sessions} more")
         if self.sessions:
             out.append(
-                f"  with {_count(self.tabs, 'tab')}, {_count(self.panes, 'pane')}, "
-                f"{_count(self.history_chunks, 'scrollback chunk')} ({_bytes(self.history_bytes)})"
+                f"  with {plural(self.tabs, 'tab')}, {plural(self.panes, 'pane')}, "
+                f"{plural(self.history_chunks, 'scrollback chunk')} ({format_bytes(self.history_bytes)})"
             )
         out.append(
-            f"{verb} {_count(self.orphan_tabs, 'orphan tab')}, {_count(self.orphan_panes, 'orphan pane')}, "
-            f"{_count(self.orphan_history_chunks, 'orphan scrollback chunk')} "
+            f"{verb} {plural(self.orphan_tabs, 'orphan tab')}, {plural(self.orphan_panes, 'orphan pane')}, "
+            f"{plural(self.orphan_history_chunks, 'orphan scrollback chunk')} "
             "(their parent never arrived)"
         )
         out.append(
-            f"{verb} {_count(self.tombstones, 'tombstone')} and "
-            f"{_count(self.template_tombstones, 'template tombstone')} older than "
-            f"{_duration(self.tombstone_retention)}"
+            f"{verb} {plural(self.tombstones, 'tombstone')} and "
+            f"{plural(self.template_tombstones, 'template tombstone')} older than "
+            f"{format_duration(self.tombstone_retention)}"
         )
         return out
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} bytes"  # pragma: no cover - the loop always returns
-
-
-def _duration(seconds: float) -> str:
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length and seconds % length == 0:
-            return f"{int(seconds // length)}{unit}"
-    return f"{seconds:g}s"
 
 
 def _retrying(what: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -264,69 +243,3 @@ def run_cleanup(
             extra=report.as_dict(max_sessions=0),
         )
     return report
-
-
-def _seconds(value: str, option: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=option) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be more than zero", param_hint=option)
-    return seconds
-
-
-@click.command("cleanup")
-@click.option(
-    "--older-than",
-    "older_than",
-    required=True,
-    metavar="DURATION",
-    help="Remove sessions inactive for longer than this (30d, 12h...), and orphan rows as old.",
-)
-@click.option(
-    "--tombstones-older-than",
-    "tombstones_older_than",
-    default=None,
-    metavar="DURATION",
-    help="Remove tombstones older than this (default: PERTH_TOMBSTONE_RETENTION, 30d).",
-)
-@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def cleanup_command(
-    ctx: click.Context, older_than: str, tombstones_older_than: str | None, dry_run: bool, as_json: bool
-) -> None:
-    """Remove old sessions (with their tabs, panes, scrollback), orphan rows and tombstones."""
-    import json
-
-    from .cli import fail
-    from .errors import DatabaseError, PersistenceError
-    from .store import connect, wrap_errors
-
-    age = _seconds(older_than, "--older-than")
-    state = ctx.obj
-    tomb_age = (
-        _seconds(tombstones_older_than, "--tombstones-older-than")
-        if tombstones_older_than is not None
-        else state.settings.tombstone_retention
-    )
-    settings = state.backends(ctx)
-    url = settings.database_url or ""
-    try:
-        with (
-            wrap_errors(url),
-            connect(
-                url, connect_timeout=settings.db_connect_timeout, statement_timeout=settings.statement_timeout
-            ) as conn,
-        ):
-            report = run_cleanup(conn, older_than=age, tombstone_retention=tomb_age, dry_run=dry_run)
-    except DatabaseError as exc:  # a statement timeout, a read-only standby...: one line, no traceback
-        fail(f"cleanup stopped: {exc} (what was removed before it stays removed)")
-    except PersistenceError as exc:
-        fail(str(exc))
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
-        return
-    for line in report.lines():
-        click.echo(line)

@@ -8,7 +8,6 @@ users may build :class:`Settings` directly.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .masking import mask_url
 from .records import MAX_CHUNK_BYTES, MAX_JSON_BYTES, MAX_OPS_PER_BATCH
+from .units import parse_duration
 
 __all__ = ["Settings", "mask_url", "parse_duration"]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str | float | int) -> float:
-    """``"30d"``, ``"12h"``, ``"90s"``, ``"250ms"`` or a number of seconds, in seconds."""
-    if isinstance(text, int | float):
-        if text < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(text)
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration (try 30d, 12h, 15m, 90s or 250ms)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
 
 def _default_data_dir() -> Path:

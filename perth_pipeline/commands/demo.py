@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
-from .producer import PersistenceManager
-from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord
-from .settings import Settings
-from .snapshot import session_document
+from ..producer import PersistenceManager
+from ..records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord
+from ..settings import Settings
+from ..snapshot import session_document
 
 __all__ = ["run_demo"]
 
