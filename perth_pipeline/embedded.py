@@ -166,10 +166,21 @@ class EmbeddedServers:
             "--daemonize", "no",
         ]  # fmt: skip
         # a session of its own: Ctrl-C in a terminal must not kill it before we stop it cleanly;
-        # umask 077: its AOF, log and any rewrite of them are 0600
-        self._redis_proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077
-        )
+        # umask 077: its AOF, log and any rewrite of them are 0600. Its output (what it says before
+        # it opens its log) goes to the log, not to our stdout: a server that outlives this process
+        # must not hold the pipe of whoever reads our output (it would never see the end of it).
+        log = os.open(folder / "redis.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self._redis_proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                umask=0o077,
+            )
+        finally:
+            os.close(log)
         url = _redis_url(socket_path)
         deadline = time.monotonic() + _START_TIMEOUT
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)

@@ -126,6 +126,8 @@ def _assert_redis_is_private(psutil: object, folder: Path, redis_url: str) -> Pa
         client.close()
     pid = json.loads((folder / "server.json").read_text())["pid"]
     assert _inet_sockets(psutil, pid) == [], "the embedded Redis listens on TCP"
+    if Path(f"/proc/{pid}/fd").is_dir():  # its output goes to its log, not to whoever reads ours
+        assert {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)} == {str(folder / "redis.log")}
     # the server wrote the key to its AOF: the files it makes are there to be looked at
     aof = folder / "appendonly.aof"
     wait_for(lambda: aof.is_file() and b"perth-private" in aof.read_bytes(), timeout=10, what="the AOF")

@@ -139,9 +139,13 @@ def test_up_runs_the_procfile_on_embedded_servers_and_ctrl_c_leaves_no_process(t
             os.killpg(up.pid, signal.SIGINT)
             code = up.wait(timeout=90)
         finally:
-            if up.poll() is None:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+            if up.poll() is None:  # a failure above: `up` stops the embedded servers on Ctrl-C
+                os.killpg(up.pid, signal.SIGINT)
+                try:
+                    up.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    os.killpg(up.pid, signal.SIGKILL)
+                    up.wait()
         reader.join(timeout=10)
     output = "".join(lines)
     assert code == 130, output[-3000:]  # honcho's code for "stopped by SIGINT"
