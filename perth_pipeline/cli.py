@@ -55,7 +55,11 @@ class _LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
         # name: (module, attribute, one-line help)
-        "bench": ("benchmarks.harness", "bench_command", "Measure the pipeline beside the naive design."),
+        "bench": (
+            "perth_pipeline.commands.bench",
+            "bench_command",
+            "Measure the pipeline beside the naive design.",
+        ),
         "cleanup": (
             "perth_pipeline.commands.cleanup",
             "cleanup_command",

@@ -60,12 +60,14 @@ def redis_binary() -> str | None:
 
 def postgres_bin() -> Path | None:
     """PostgreSQL's binaries: pgserver's, else the system's newest; None when there are none."""
-    try:
-        from pgserver._commands import POSTGRES_BIN_PATH
+    from importlib.util import find_spec
 
-        return Path(POSTGRES_BIN_PATH)
-    except ImportError:
-        pass
+    spec = find_spec("pgserver")
+    if spec is not None and spec.origin is not None:
+        # the wheel's layout (pgserver/pginstall/bin), read without importing a private module of it
+        bundled = Path(spec.origin).parent / "pginstall" / "bin"
+        if (bundled / "pg_ctl").exists():
+            return bundled
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "pg_ctl").exists():
             return candidate

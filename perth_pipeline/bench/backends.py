@@ -38,8 +38,8 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 @functools.cache
 def queries() -> dict[str, str]:
-    """The named statements of ``benchmarks/bench.sql``."""
-    text = resources.files("benchmarks").joinpath("bench.sql").read_text(encoding="utf-8")
+    """The named statements of ``perth_pipeline/bench/bench.sql``."""
+    text = resources.files("perth_pipeline.bench").joinpath("bench.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)
     out: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):

@@ -1,5 +1,5 @@
 -- The benchmark's own statements (the pipeline's are in perth_pipeline/sql and schema.sql).
--- Loaded by benchmarks.backends.queries(); each starts with a "-- name: <name>" line.
+-- Loaded by perth_pipeline.bench.backends.queries(); each starts with a "-- name: <name>" line.
 
 -- name: truncate
 TRUNCATE sessions, tabs, panes, pane_history, templates, tombstones, template_tombstones;

@@ -42,9 +42,9 @@ from perth_pipeline import PaneRecord, PersistenceManager
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import Store
 
+from ..testing import ThrowawayPostgres, ThrowawayRedis
 from .naive import FUNCTION as NAIVE_FUNCTION
 from .naive import naive_row
-from .servers import ThrowawayPostgres, ThrowawayRedis
 from .stats import percentiles, ratio
 from .workload import Tree
 
@@ -154,7 +154,9 @@ def _naive_calls(
 ) -> dict[str, Any]:
     """``Queue.enqueue`` per call, on a client with redis-py's defaults (as a naive producer has it)."""
     client = redis.Redis.from_url(url)
-    q = Queue(queue, connection=client, serializer=JSONSerializer)  # never pickle (see benchmarks.naive)
+    q = Queue(
+        queue, connection=client, serializer=JSONSerializer
+    )  # never pickle (see perth_pipeline.bench.naive)
     samples: list[int] = []
     errors = 0
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """The naive design the pipeline replaces: one RQ job per operation, one statement per row.
 
-``upsert_pane`` is the job; ``python -m benchmarks.naive QUEUE`` runs a stock
+``upsert_pane`` is the job; ``python -m perth_pipeline.bench.naive QUEUE`` runs a stock
 ``rq.SimpleWorker`` on it, with ``REDIS_URL`` and ``DATABASE_URL`` from the environment.
 The worker process keeps one connection (the naive design at its most generous: no
 connection per job).
@@ -32,7 +32,7 @@ from .backends import queries
 
 __all__ = ["FUNCTION", "OnlyUpsertPane", "naive_row", "upsert_pane"]
 
-FUNCTION = "benchmarks.naive.upsert_pane"
+FUNCTION = "perth_pipeline.bench.naive.upsert_pane"
 
 
 class OnlyUpsertPane(Job):

@@ -8,7 +8,7 @@
   connection: ``COPY`` into a temporary table and one ``INSERT ... SELECT ... ON
   CONFLICT`` merge, in one transaction.
 * The naive design: one RQ job per operation, one statement per row, a stock
-  ``SimpleWorker`` (``benchmarks.naive``), on a sample.
+  ``SimpleWorker`` (``perth_pipeline.bench.naive``), on a sample.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def run_naive(base: Settings, tree: Tree, sample: int, log_dir: Path) -> dict[st
     settings = settings_for(base, unique_queue("naive"))
     session_of = tree.session_of_pane()
     rows = [naive_row(p, session_of[p.id], n + 1) for n, p in enumerate(tree.panes[:sample])]
-    command = [sys.executable, "-m", "benchmarks.naive", settings.queue]
+    command = [sys.executable, "-m", "perth_pipeline.bench.naive", settings.queue]
     client = redis.Redis.from_url(settings.redis_url or "")
     try:
         with WorkerPool(settings, 1, log_dir=log_dir, command=command):

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.servers import ThrowawayPostgres
 from perth_pipeline.store import Store
+from perth_pipeline.testing import ThrowawayPostgres
 
 from ..helpers import require
 

@@ -53,7 +53,6 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from benchmarks.servers import ThrowawayPostgres
 from perth_pipeline import PaneHistoryChunk, PaneRecord, PersistenceManager, SessionRecord, TabRecord
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.records import (
@@ -70,6 +69,7 @@ from perth_pipeline.records import (
     TemplateUpsert,
 )
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import ThrowawayPostgres
 
 from ..helpers import test_settings, wait_for
 from ..model import TABLES, Tables, Write, differences, expected_tables, origin_ranker, read_tables

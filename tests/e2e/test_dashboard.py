@@ -35,11 +35,11 @@ from typing import Any
 import pytest
 from honcho.environ import parse_procfile
 
-from benchmarks.servers import ThrowawayRedis, free_port, redis_binary
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import make_queue
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import ThrowawayRedis, free_port, redis_binary
 
 from ..helpers import drain, pane, require, require_module, session, tab, test_settings, wait_for
 

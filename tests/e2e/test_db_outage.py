@@ -1,6 +1,6 @@
 """PostgreSQL down, restarting, or refusing work for a while: workers wait, batches are retried.
 
-Outages use a throwaway PostgreSQL of the test's own (benchmarks/servers.py); the
+Outages use a throwaway PostgreSQL of the test's own (perth_pipeline/testing.py); the
 shared server is never stopped.
 """
 
@@ -22,13 +22,13 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from benchmarks.servers import ThrowawayPostgres, free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import DbHealth, Keys, read_db_health
 from perth_pipeline.records import Batch, SessionUpsert, TabUpsert
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import connect
+from perth_pipeline.testing import ThrowawayPostgres, free_port
 from workers.applier import Applier
 
 from ..helpers import drain, now, session, tab, wait_for

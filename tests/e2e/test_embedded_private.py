@@ -17,8 +17,8 @@ import psycopg
 import pytest
 import redis
 
-from benchmarks.servers import ThrowawayRedis
 from perth_pipeline.embedded import EmbeddedServers, EmbeddedUnavailable
+from perth_pipeline.testing import ThrowawayRedis
 
 from ..helpers import require_module, wait_for
 

@@ -1,7 +1,7 @@
 """Faults end to end: the terminal never waits, and an outage loses none of the live state.
 
 docs/design.md, rules 1 to 3, under four faults, each on a server of the test's own
-(benchmarks/servers.py: the shared Redis and PostgreSQL are never stopped):
+(perth_pipeline/testing.py: the shared Redis and PostgreSQL are never stopped):
 
 * Redis refusing connections (not started yet, then stopped);
 * Redis paused (``CLIENT PAUSE ... ALL``: every command blocks, as a stuck server);
@@ -34,9 +34,9 @@ import pytest
 import redis
 import zstandard
 
-from benchmarks.servers import ThrowawayPostgres, ThrowawayRedis
 from perth_pipeline import PaneHistoryChunk, PaneRecord, PersistenceManager, SessionRecord, TabRecord
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import ThrowawayPostgres, ThrowawayRedis
 
 from ..helpers import now, require, test_settings, wait_for
 from .procs import WorkerProcs

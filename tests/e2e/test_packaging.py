@@ -1,4 +1,4 @@
-"""What a non-editable install carries: the schema, the SQL, the Procfile, the JSON Schema."""
+"""What a non-editable install carries: the schema, the SQL, the Procfile; only our two packages."""
 
 from __future__ import annotations
 
@@ -32,5 +32,7 @@ def test_the_wheel_carries_schema_sql_and_every_file_the_commands_read(tmp_path:
         assert f"perth_pipeline/sql/{sql.name}" in names
     assert "perth_pipeline/batch.schema.json" in names
     assert "perth_pipeline/py.typed" in names and "workers/py.typed" in names
-    assert "benchmarks/harness.py" in names
-    assert not any(name.startswith("tests/") for name in names)
+    assert "perth_pipeline/bench/harness.py" in names and "perth_pipeline/bench/bench.sql" in names
+    # two packages and nothing else: no generic top-level name (a "benchmarks" package) in site-packages
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"perth_pipeline", "workers"}, top

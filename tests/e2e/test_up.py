@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from benchmarks.servers import free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import free_port
 
 from ..helpers import pane, require, require_module, session, tab, wait_for
 

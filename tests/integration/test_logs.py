@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import redis
 
-from benchmarks.servers import free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import make_queue
 from perth_pipeline.logs import configure_logging, mask_secrets
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import free_port
 
 from ..helpers import pane, session, tab, wait_for
 

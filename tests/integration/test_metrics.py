@@ -16,11 +16,11 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from benchmarks.servers import free_port
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import make_queue
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import free_port
 from workers import metrics
 
 from ..helpers import pane, require, require_module, session, tab, wait_for

@@ -9,7 +9,7 @@ from rq import Queue, SimpleWorker
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from benchmarks.naive import OnlyUpsertPane
+from perth_pipeline.bench.naive import OnlyUpsertPane
 
 
 def test_the_naive_worker_runs_only_its_own_function(

@@ -29,12 +29,12 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from benchmarks.servers import ThrowawayRedis, free_port
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import Keys, read_db_health
 from perth_pipeline.errors import PersistenceError
 from perth_pipeline.settings import Settings
+from perth_pipeline.testing import ThrowawayRedis, free_port
 from workers.context import JobContext
 
 from ..e2e.procs import WorkerProcs

@@ -23,7 +23,6 @@ import redis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rq.registry import FailedJobRegistry
 
-from benchmarks.servers import ThrowawayRedis, free_port, redis_binary
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION, describe
 from perth_pipeline.broker import Keys, make_queue, make_redis
@@ -31,6 +30,7 @@ from perth_pipeline.errors import DatabaseUnavailable
 from perth_pipeline.settings import Settings
 from perth_pipeline.status import gather_status, render_status
 from perth_pipeline.store import Store, connect
+from perth_pipeline.testing import ThrowawayRedis, free_port, redis_binary
 from workers.worker import PerthJob, PerthWorker
 
 from ..helpers import drain, pane, require, run_cli, session, settle, tab, test_settings, wait_for
