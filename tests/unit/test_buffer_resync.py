@@ -170,7 +170,7 @@ def test_memory_for_deleted_entities_is_released_once_their_deletes_commit() -> 
         b.delete(PANE, p.id)
         b.confirm(b.drain(100).items)
     assert b.gauges()["held_entries"] == 2
-    assert sum(len(children) for children in b._children.values()) == 1  # the tab under its session
+    assert sum(len(children) for children in b._routes.children.values()) == 1  # the tab under its session
 
 
 def test_last_active_of_a_held_session_never_goes_back() -> None:
