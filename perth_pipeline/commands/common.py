@@ -76,7 +76,16 @@ def init_schema(database_url: str) -> int:
 
 
 def positive_duration(value: str, option: str) -> float:
-    """A duration option (``30d``, ``12h``, ``90m``) in seconds, more than zero."""
+    """A duration option (``30d``, ``12h``, ``90m``) in seconds, more than zero.
+
+    A bare number is refused: ``--older-than 30`` meant 30 days to the person who typed it and
+    30 seconds to the parser, and a cleanup without ``--dry-run`` would have removed everything.
+    """
+    number = value.strip()
+    if number.replace(".", "", 1).isdigit():
+        raise click.BadParameter(
+            f"{value!r} has no unit: write {number}d, {number}h, {number}m or {number}s", param_hint=option
+        )
     try:
         seconds = parse_duration(value)
     except ValueError as exc:

@@ -221,12 +221,26 @@ def test_cleanup_works_through_many_sessions_a_chunk_at_a_time(
 
 @pytest.mark.parametrize(
     "args",
-    [["cleanup"], ["cleanup", "--older-than", "soon"], ["cleanup", "--older-than", "0"]],
+    [
+        ["cleanup"],
+        ["cleanup", "--older-than", "soon"],
+        ["cleanup", "--older-than", "0s"],
+        ["cleanup", "--older-than", "30"],
+        ["cleanup", "--older-than", "30d", "--tombstones-older-than", "7"],
+    ],
 )
 def test_cleanup_refuses_a_missing_or_bad_duration(settings: Settings, args: list[str]) -> None:
     result = run_cli(settings, *args)
     assert result.returncode == 2
-    assert "--older-than" in result.stderr and "Traceback" not in result.stderr
+    assert "older-than" in result.stderr and "Traceback" not in result.stderr
+    if args[-1].isdigit():  # a bare number: the unit is asked for, nothing is removed
+        assert "has no unit" in result.stderr
+
+
+def test_the_scheduler_refuses_a_duration_without_a_unit(settings: Settings) -> None:
+    result = run_cli(settings, "scheduler", "--once", "--every", "3600")
+    assert result.returncode == 2
+    assert "--every" in result.stderr and "has no unit" in result.stderr
 
 
 def test_a_session_written_under_for_a_month_without_touches_is_not_idle(
