@@ -8,7 +8,8 @@ for two things:
   through one reusable C encoder, UUIDs of parents formatted once per batch. No
   intermediate dict, no :class:`json.JSONEncoder` set up per call. The text is
   the wire format of :mod:`perth_pipeline.records` (the workers validate it with
-  those models).
+  those models); the op names, the envelope and the job data around it are
+  :mod:`perth_pipeline.wire`'s.
 * Short stretches. CPython lets a thread that waits for the interpreter lock take
   it by force only after ``sys.getswitchinterval()`` (5 ms), so a long pure-Python
   loop here would make a write call of the terminal wait that long. The encoder
@@ -37,14 +38,15 @@ from uuid import UUID
 import zstandard
 from rq.job import Job
 
+from . import wire
 from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
-from .records import FORMAT_VERSION, PaneRecord, SessionRecord, TabRecord, TemplateRecord, compact_json
+from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord, compact_json
 from .units import plural
 
 __all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches"]
 
 #: The one job function that crosses the queue (workers allowlist it by this name).
-JOB_FUNCTION = "workers.jobs.apply_batch"
+JOB_FUNCTION = wire.APPLY_BATCH
 
 #: Seconds of encoding after which the flusher lets the terminal's threads run.
 _SLICE = 0.0005
@@ -64,6 +66,23 @@ _str = encode_basestring  # a quoted, escaped JSON string (as json.dumps(ensure_
 
 def _opt(value: str | None) -> str:
     return "null" if value is None else _str(value)
+
+
+def _head(op: str) -> str:
+    """The start of an operation's JSON, up to its version: ``{"op":"<op>","version":``."""
+    return f'{{"op":"{op}","version":'
+
+
+_SESSION_UPSERT = _head(wire.SESSION_UPSERT)
+_SESSION_DELETE = _head(wire.SESSION_DELETE)
+_SESSION_TOUCH = _head(wire.SESSION_TOUCH)
+_TAB_UPSERT = _head(wire.TAB_UPSERT)
+_TAB_DELETE = _head(wire.TAB_DELETE)
+_PANE_UPSERT = _head(wire.PANE_UPSERT)
+_PANE_DELETE = _head(wire.PANE_DELETE)
+_HISTORY_APPEND = _head(wire.HISTORY_APPEND)
+_TEMPLATE_UPSERT = _head(wire.TEMPLATE_UPSERT)
+_TEMPLATE_DELETE = _head(wire.TEMPLATE_DELETE)
 
 
 @dataclass(slots=True)
@@ -107,17 +126,15 @@ class _Ids:
 def _delete_json(item: Item, ids: _Ids) -> str:
     kind, key, version = item.kind, item.key, item.version
     if kind == SESSION:
-        return f'{{"op":"session.delete","version":{version},"id":"{key[1]}"}}'
+        return f'{_SESSION_DELETE}{version},"id":"{key[1]}"}}'
     if kind == TAB:
-        return (
-            f'{{"op":"tab.delete","version":{version},"id":"{key[1]}","session_id":"{ids(item.session_id)}"}}'
-        )
+        return f'{_TAB_DELETE}{version},"id":"{key[1]}","session_id":"{ids(item.session_id)}"}}'
     if kind == PANE:
         return (
-            f'{{"op":"pane.delete","version":{version},"id":"{key[1]}","tab_id":"{ids(item.tab_id)}",'
+            f'{_PANE_DELETE}{version},"id":"{key[1]}","tab_id":"{ids(item.tab_id)}",'
             f'"session_id":"{ids(item.session_id)}"}}'
         )
-    return f'{{"op":"template.delete","version":{version},"name":{_str(key[1])}}}'
+    return f'{_TEMPLATE_DELETE}{version},"name":{_str(key[1])}}}'
 
 
 def item_json(item: Item, ids: _Ids) -> str:
@@ -128,7 +145,7 @@ def item_json(item: Item, ids: _Ids) -> str:
     if kind == PANE:
         assert isinstance(record, PaneRecord)
         return (
-            f'{{"op":"pane.upsert","version":{item.version},"session_id":"{ids(item.session_id)}",'
+            f'{_PANE_UPSERT}{item.version},"session_id":"{ids(item.session_id)}",'
             f'"record":{{"id":"{record.id}","tab_id":"{ids(record.tab_id)}",'
             f'"pane_id":{_str(record.pane_id)},"pane_type":{_str(record.pane_type)},'
             f'"component_state":{_json(item.snapshot)},"title":{_str(record.title)},'
@@ -137,40 +154,40 @@ def item_json(item: Item, ids: _Ids) -> str:
     if kind == TAB:
         assert isinstance(record, TabRecord)
         return (
-            f'{{"op":"tab.upsert","version":{item.version},"record":{{"id":"{record.id}",'
+            f'{_TAB_UPSERT}{item.version},"record":{{"id":"{record.id}",'
             f'"session_id":"{ids(record.session_id)}","position":{record.position},'
             f'"name":{_str(record.name)},"layout_blob":{_json(item.snapshot)}}}}}'
         )
     if kind == SESSION:
         assert isinstance(record, SessionRecord)
         return (
-            f'{{"op":"session.upsert","version":{item.version},"record":{{"id":"{record.id}",'
+            f'{_SESSION_UPSERT}{item.version},"record":{{"id":"{record.id}",'
             f'"name":{_str(record.name)},"template_name":{_opt(record.template_name)},'
             f'"created_at":"{record.created_at.isoformat()}","last_active":"{record.last_active.isoformat()}"}}}}'
         )
     assert isinstance(record, TemplateRecord)
     return (
-        f'{{"op":"template.upsert","version":{item.version},"record":{{"id":"{record.id}",'
+        f'{_TEMPLATE_UPSERT}{item.version},"record":{{"id":"{record.id}",'
         f'"name":{_str(record.name)},"definition":{_json(item.snapshot)}}}}}'
     )
 
 
 def touch_json(touch: Touch) -> str:
     return (
-        f'{{"op":"session.touch","version":{touch.version},"id":"{touch.session_id}",'
+        f'{_SESSION_TOUCH}{touch.version},"id":"{touch.session_id}",'
         f'"last_active":"{touch.last_active.isoformat()}"}}'
     )
 
 
 def chunk_json(chunk: Chunk, compressor: zstandard.ZstdCompressor | None, ids: _Ids) -> str:
     raw = chunk.chunk.content
-    encoding, payload = "identity", raw
+    encoding, payload = wire.IDENTITY, raw
     if compressor is not None and len(raw) >= _MIN_COMPRESS:
         packed = compressor.compress(raw)  # releases the interpreter lock while it works
         if len(packed) < len(raw):
-            encoding, payload = "zstd", packed
+            encoding, payload = wire.ZSTD, packed
     return (
-        f'{{"op":"history.append","version":{chunk.version},"pane_id":"{chunk.chunk.pane_id}",'
+        f'{_HISTORY_APPEND}{chunk.version},"pane_id":"{chunk.chunk.pane_id}",'
         f'"tab_id":"{ids(chunk.tab_id)}","session_id":"{ids(chunk.session_id)}",'
         f'"chunk_index":{chunk.chunk.chunk_index},"encoding":"{encoding}","raw_size":{len(raw)},'
         f'"content":"{base64.b64encode(payload).decode("ascii")}"}}'
@@ -229,11 +246,7 @@ class _Batches:
             batch = self.current
             batch.sessions = sorted(self.sessions)
             created = datetime.now(UTC).isoformat()
-            payload = (
-                f'{{"format":{FORMAT_VERSION},"id":"{batch.id}","origin":{_str(self.origin)},'
-                f'"created_at":"{created}","ops":[{",".join(self.parts)}]}}'
-            )
-            batch.data = f'["{JOB_FUNCTION}",null,[{payload}],{{}}]'.encode()
+            batch.data = wire.apply_batch_data(wire.batch_text(batch.id, self.origin, created, self.parts))
             batch.packed = zlib.compress(batch.data, 1)  # releases the interpreter lock while it works
             seqs = (
                 [i.seq for i in batch.items] + [t.seq for t in batch.touches] + [c.seq for c in batch.chunks]

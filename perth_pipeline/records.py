@@ -1,4 +1,4 @@
-"""The records and the operation envelope: the wire contract.
+"""The records and the operation envelope: the wire contract, as pydantic models.
 
 Records are what the terminal hands to :class:`~perth_pipeline.PersistenceManager`
 and what the reads give back. Operations wrap a record with its version; a
@@ -8,7 +8,9 @@ both sides, and ``batch.schema.json`` (exported from :class:`Batch`) lets a
 producer in another language put the same batches on the queue.
 
 The limits below are the hard limits of the wire format; the settings may
-set lower ones for a producer (see :mod:`perth_pipeline.settings`).
+set lower ones for a producer (see :mod:`perth_pipeline.settings`). The names
+that are not models (op names, format versions, the job function) live in
+:mod:`perth_pipeline.wire`, which both sides import; this module takes them from there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from uuid import UUID
 
 from pydantic import (
@@ -37,11 +39,15 @@ from pydantic import (
     model_validator,
 )
 
+from . import wire
+from .wire import FORMAT_VERSION, SUPPORTED_FORMATS
+
 __all__ = [
     "FORMAT_VERSION",
     "JSON_TEXTS",
     "SUPPORTED_FORMATS",
     "Batch",
+    "BatchEnvelope",
     "HistoryAppend",
     "Operation",
     "PaneDelete",
@@ -64,10 +70,6 @@ __all__ = [
     "json_size",
     "json_text",
 ]
-
-#: The batch format this version writes. Workers accept it and the one before.
-FORMAT_VERSION = 2
-SUPPORTED_FORMATS = (1, 2)
 
 MAX_NAME_CHARS = 256
 MAX_PANE_ID_CHARS = 128
@@ -390,42 +392,42 @@ class _Op(BaseModel):
 
 
 class SessionUpsert(_Op):
-    op: Literal["session.upsert"] = "session.upsert"
+    op: wire.SessionUpsertName = wire.SESSION_UPSERT
     record: SessionRecord
 
 
 class SessionDelete(_Op):
-    op: Literal["session.delete"] = "session.delete"
+    op: wire.SessionDeleteName = wire.SESSION_DELETE
     id: UUID
 
 
 class SessionTouch(_Op):
     """``last_active`` of a stored session the producer does not hold (after a restart)."""
 
-    op: Literal["session.touch"] = "session.touch"
+    op: wire.SessionTouchName = wire.SESSION_TOUCH
     id: UUID
     last_active: Timestamp
 
 
 class TabUpsert(_Op):
-    op: Literal["tab.upsert"] = "tab.upsert"
+    op: wire.TabUpsertName = wire.TAB_UPSERT
     record: TabRecord
 
 
 class TabDelete(_Op):
-    op: Literal["tab.delete"] = "tab.delete"
+    op: wire.TabDeleteName = wire.TAB_DELETE
     id: UUID
     session_id: UUID
 
 
 class PaneUpsert(_Op):
-    op: Literal["pane.upsert"] = "pane.upsert"
+    op: wire.PaneUpsertName = wire.PANE_UPSERT
     session_id: UUID
     record: PaneRecord
 
 
 class PaneDelete(_Op):
-    op: Literal["pane.delete"] = "pane.delete"
+    op: wire.PaneDeleteName = wire.PANE_DELETE
     id: UUID
     tab_id: UUID
     session_id: UUID
@@ -434,12 +436,12 @@ class PaneDelete(_Op):
 class HistoryAppend(_Op):
     """A scrollback chunk. ``content`` is base64 of the bytes after ``encoding``."""
 
-    op: Literal["history.append"] = "history.append"
+    op: wire.HistoryAppendName = wire.HISTORY_APPEND
     pane_id: UUID
     tab_id: UUID
     session_id: UUID
     chunk_index: Position
-    encoding: Literal["identity", "zstd"] = "identity"
+    encoding: wire.ChunkEncoding = wire.IDENTITY
     raw_size: Annotated[int, Field(ge=0, le=MAX_CHUNK_BYTES)]
     content: Annotated[Base64Bytes, Field(max_length=MAX_CHUNK_BYTES + 1024)]
 
@@ -458,11 +460,11 @@ def inflate_chunk(content: bytes, encoding: str, raw_size: int) -> bytes:
     ``max_output_size`` is ignored when a frame states its size). The one decompressor of chunks,
     for the workers (who refuse a chunk that does not inflate to its size) and the reads.
     """
-    if encoding == "identity":
+    if encoding == wire.IDENTITY:
         if len(content) != raw_size:
             raise ValueError(f"holds {len(content)} bytes, not its raw_size {raw_size}")
         return content
-    if encoding != "zstd":
+    if encoding != wire.ZSTD:
         raise ValueError(f"unknown encoding {encoding!r}")
     import io
 
@@ -480,12 +482,12 @@ def inflate_chunk(content: bytes, encoding: str, raw_size: int) -> bytes:
 
 
 class TemplateUpsert(_Op):
-    op: Literal["template.upsert"] = "template.upsert"
+    op: wire.TemplateUpsertName = wire.TEMPLATE_UPSERT
     record: TemplateRecord
 
 
 class TemplateDelete(_Op):
-    op: Literal["template.delete"] = "template.delete"
+    op: wire.TemplateDeleteName = wire.TEMPLATE_DELETE
     name: Name
 
 
@@ -513,13 +515,13 @@ class Batch(BaseModel):
         json_schema_extra={
             "$id": "https://perth.dev/schemas/perth-pipeline/batch.schema.json",
             "description": (
-                "The single positional argument of the RQ job 'workers.jobs.apply_batch' "
+                f"The single positional argument of the RQ job '{wire.APPLY_BATCH}' "
                 "(serialized with rq.serializers.JSONSerializer)."
             ),
         },
     )
 
-    format: Literal[2] = 2
+    format: wire.CurrentFormat = wire.FORMAT_VERSION
     id: UUID
     origin: Origin
     created_at: AwareDatetime
@@ -534,6 +536,19 @@ class Batch(BaseModel):
             if sid is not None:
                 ids[sid.int] = sid
         return [ids[key] for key in sorted(ids)]
+
+
+class BatchEnvelope(BaseModel):
+    """A batch's envelope with its operations unread: what a worker checks of a batch that does not
+    validate whole, before it validates the operations one by one (and applies the valid ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int
+    id: Any
+    origin: Any
+    created_at: AwareDatetime | str
+    ops: list[Any]
 
 
 def session_of(op: Any) -> UUID | None:
@@ -569,8 +584,8 @@ def upgrade_payload(payload: Any) -> Any:
         return payload
     upgraded = []
     for op in ops:
-        if isinstance(op, dict) and op.get("op") == "history.append" and "encoding" not in op:
-            upgraded.append({**op, "encoding": "identity", "raw_size": _b64_len(op.get("content"))})
+        if isinstance(op, dict) and op.get("op") == wire.HISTORY_APPEND and "encoding" not in op:
+            upgraded.append({**op, "encoding": wire.IDENTITY, "raw_size": _b64_len(op.get("content"))})
         else:
             upgraded.append(op)
     return {**payload, "format": FORMAT_VERSION, "ops": upgraded}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,15 +30,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from .batch import JOB_FUNCTION, describe
+from . import wire
+from .batch import describe
 from .broker import Keys
 from .settings import Settings
 from .units import format_duration
 
 __all__ = ["Outcome", "requeue_failed"]
-
-#: Job data larger than this is not a batch of this project (the workers refuse such data too).
-_MAX_DATA = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,43 +49,6 @@ class Outcome:
         return f"{self.action} {self.job_id}: {self.detail}"
 
 
-def _read_batch(data: bytes | None) -> tuple[dict[str, Any] | None, str]:
-    """The batch payload of RQ job data, or None and why it is not one."""
-    if not data:
-        return None, "the job has no data"
-    try:
-        raw = zlib.decompressobj().decompress(data, _MAX_DATA + 1)
-    except zlib.error:
-        raw = data
-    if len(raw) > _MAX_DATA:
-        return None, "its data is over 64 MiB"
-    try:
-        func, instance, args, kwargs = json.loads(raw)
-    except RecursionError:
-        return None, "its data is JSON nested too deeply to be a batch"
-    except (ValueError, TypeError):
-        return None, "its data is not JSON in RQ's job format"
-    if func != JOB_FUNCTION:
-        return None, f"it runs {str(func)[:80]!r}, not {JOB_FUNCTION}"
-    if instance is not None or kwargs or not isinstance(args, list) or len(args) != 1:
-        return None, "its arguments are not one batch"
-    payload = args[0]
-    if not isinstance(payload, dict) or not isinstance(payload.get("ops"), list):
-        return None, "its argument is not a batch"
-    return payload, ""
-
-
-def _refusal(meta: bytes | None) -> str | None:
-    if not meta:
-        return None
-    try:
-        value = json.loads(meta)
-    except (ValueError, RecursionError):
-        return None
-    reason = value.get("perth_refused") if isinstance(value, dict) else None
-    return str(reason) if reason else None
-
-
 def _sessions(ops: Iterable[Any]) -> list[str]:
     """The sessions a batch's operations belong to (read leniently: a refused batch may be malformed)."""
     found: set[str] = set()
@@ -98,11 +58,11 @@ def _sessions(ops: Iterable[Any]) -> list[str]:
         found_record = op.get("record")
         record: dict[str, Any] = found_record if isinstance(found_record, dict) else {}
         kind = op.get("op")
-        if kind == "session.upsert":
+        if kind == wire.SESSION_UPSERT:
             value = record.get("id")
-        elif kind in ("session.delete", "session.touch"):
+        elif kind in (wire.SESSION_DELETE, wire.SESSION_TOUCH):
             value = op.get("id")
-        elif kind == "tab.upsert":
+        elif kind == wire.TAB_UPSERT:
             value = record.get("session_id")
         else:
             value = op.get("session_id")
@@ -126,10 +86,10 @@ class _Requeuer:
             if not self.dry_run:
                 self.client.zrem(self.registry.key, job_id)
             return Outcome(job_id, "gone", "the job expired; its registry entry is removed")
-        payload, why = _read_batch(raw.get(b"data"))
+        payload, why = wire.read_apply_batch(raw.get(b"data"))
         if payload is None:
             return self._skip(job_id, f"not a batch of this project: {why}", delete_skipped)
-        refused = _refusal(raw.get(b"meta"))
+        refused = wire.refusal(raw.get(b"meta"))
         if refused is not None and not include_refused:
             return self._skip(
                 job_id, f"refused by the workers ({refused[:200]}); --include-refused to send it anyway",
@@ -159,16 +119,16 @@ class _Requeuer:
 
     def _requeue(self, job: Job, payload: dict[str, Any], keep: list[Any], sessions: list[str]) -> bool:
         s = self.settings
-        job.data = json.dumps(
-            [JOB_FUNCTION, None, [{**payload, "ops": keep}], {}], separators=(",", ":"), ensure_ascii=False
-        ).encode()
-        chunks = sum(1 for op in keep if isinstance(op, dict) and op.get("op") == "history.append")
+        job.data = wire.apply_batch_data(
+            json.dumps({**payload, "ops": keep}, separators=(",", ":"), ensure_ascii=False)
+        )
+        chunks = sum(1 for op in keep if isinstance(op, dict) and op.get("op") == wire.HISTORY_APPEND)
         job.description = describe(len(keep), sessions, chunks)  # type: ignore[arg-type]
         job.retries_left = len(s.retry_intervals)
         job.retry_intervals = list(s.retry_intervals)
         job.number_of_retries = 0
         job.failure_ttl = s.failed_ttl
-        if job.meta.pop("perth_refused", None) is not None:
+        if job.meta.pop(wire.REFUSED, None) is not None:
             # save() leaves out an empty meta, and the stored one would stay
             job.save_meta()  # type: ignore[no-untyped-call]
         try:

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 from rq.job import Job
 
+from . import wire
 from .broker import LIVE_STATUSES, Keys, make_queue
 from .masking import masked_logger
 from .retention import MIN_JOB_RETENTION
@@ -36,7 +37,7 @@ __all__ = ["CLEANUP_FUNCTION", "Scheduler"]
 logger = masked_logger("perth_pipeline.scheduler")
 
 #: The job the scheduler enqueues (allowlisted in workers.jobs.ALLOWED).
-CLEANUP_FUNCTION = "workers.maintenance.cleanup"
+CLEANUP_FUNCTION = wire.CLEANUP
 
 # KEYS[1]: the lock; ARGV: token, ttl (ms). 1 if still ours (and renewed).
 _RENEW = """

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 import redis
-from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from rq import get_current_job
 
 from perth_pipeline.broker import make_redis
@@ -37,12 +37,13 @@ from perth_pipeline.masking import first_line, masked_logger
 from perth_pipeline.records import (
     BATCH_ADAPTER,
     MAX_OPS_PER_BATCH,
-    SUPPORTED_FORMATS,
     Batch,
+    BatchEnvelope,
     Operation,
     upgrade_payload,
 )
 from perth_pipeline.settings import Settings
+from perth_pipeline.wire import APPLY_BATCH, CLEANUP, SUPPORTED_FORMATS, mark_refused
 
 from . import maintenance, metrics
 from .applier import ApplyResult
@@ -84,15 +85,6 @@ def _current_context() -> JobContext:
             raise DatabaseUnavailable("no worker context and no REDIS_URL")
         _Process.context = JobContext(settings, make_redis(settings.redis_url, socket_timeout=10.0))
     return _Process.context
-
-
-class _Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    format: int
-    id: Any
-    origin: Any
-    created_at: AwareDatetime | str
-    ops: list[Any]
 
 
 def _reasons(exc: ValidationError, prefix: str = "") -> list[str]:
@@ -154,7 +146,7 @@ def parse_batch(payload: Any) -> tuple[Batch, list[Any], list[str]]:
     except ValidationError:
         pass
     try:
-        envelope = _Envelope.model_validate(payload)
+        envelope = BatchEnvelope.model_validate(payload)
     except ValidationError as exc:
         raise PoisonBatch("invalid batch envelope: " + "; ".join(_reasons(exc)[:5])) from None
     if envelope.format not in SUPPORTED_FORMATS:
@@ -184,7 +176,7 @@ def _refuse(reason: str) -> PoisonBatch:
     if job is not None:
         job.retries_left = 0  # retrying cannot help: straight to the failed registry
         # tells the producer not to send the same entities again (it would be refused again)
-        job.meta["perth_refused"] = reason[:500]
+        mark_refused(job.meta, reason)
         with contextlib.suppress(redis.RedisError):
             job.save_meta()  # type: ignore[no-untyped-call]
     return PoisonBatch(reason)
@@ -274,6 +266,6 @@ def _settle_outstanding(context: JobContext, batch: Batch) -> None:
 
 #: The job functions a worker runs, by the name producers put on the queue.
 ALLOWED: dict[str, Callable[..., Any]] = {
-    "workers.jobs.apply_batch": apply_batch,
-    "workers.maintenance.cleanup": maintenance.cleanup,
+    APPLY_BATCH: apply_batch,
+    CLEANUP: maintenance.cleanup,
 }

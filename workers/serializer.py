@@ -16,27 +16,26 @@ vetted (``workers.vetting``) before anything of it runs; parsing imports and run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 from rq.serializers import JSONSerializer
 
-from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.records import JSON_TEXTS, Batch
+from perth_pipeline.wire import APPLY_BATCH, ApplyBatchName
 
 __all__ = ["JobSerializer", "ParsedBatch", "parse_apply_batch"]
 
-_NAME = JOB_FUNCTION.encode()
+_NAME = APPLY_BATCH.encode()
 #: RQ's job data: [function, instance, args, kwargs]; for a batch exactly one argument and no kwargs.
 _APPLY_BATCH_JOB: TypeAdapter[Any] = TypeAdapter(
     tuple[
-        Literal["workers.jobs.apply_batch"],
+        ApplyBatchName,
         None,
         tuple[Batch],
         Annotated[dict[str, Any], Field(max_length=0)],
     ]
 )
-assert JOB_FUNCTION == "workers.jobs.apply_batch"  # the Literal above
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,5 +80,5 @@ class JobSerializer:
     def loads(data: bytes, /) -> Any:
         parsed = parse_apply_batch(data)
         if parsed is not None:
-            return (JOB_FUNCTION, None, [parsed], {})
+            return (APPLY_BATCH, None, [parsed], {})
         return JSONSerializer.loads(data)  # type: ignore[no-untyped-call]

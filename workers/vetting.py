@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import zlib
 from typing import Any
 
 import redis
@@ -28,14 +27,12 @@ from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job
 
 from perth_pipeline.batch import PackedJob
+from perth_pipeline.wire import MAX_JOB_BYTES, inflate_job_data
 
 from . import jobs
 
 __all__ = ["MAX_JOB_BYTES", "REQUIRED_FIELDS", "PerthJob", "UnknownJobFunction", "UnreadableJobHash", "short"]
 
-#: The most job data (decompressed) a worker reads. A batch of this project is far smaller
-#: (PERTH_BATCH_MAX_BYTES is at most 16 MiB, plus one operation); bigger data is refused unread.
-MAX_JOB_BYTES = 32 << 20
 _PLACEHOLDER = b"null"
 #: The fields of a job hash that RQ writes for every job it creates and enqueues (``origin``: the
 #: queue's name). A hash without one of them was not written by RQ, nor by a faithful port of it.
@@ -53,23 +50,6 @@ class UnreadableJobHash(ValueError):
 def short(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _read(data: bytes, limit: int) -> tuple[bytes | None, int | None]:
-    """``data`` as RQ reads it (decompressed if it is zlib, else as it is), or ``(None, size)``
-    with a lower bound of its size when that is over ``limit``: never more than ``limit`` is inflated."""
-    if len(data) > limit:
-        return None, len(data)
-    inflate = zlib.decompressobj()
-    try:
-        out = inflate.decompress(data, limit + 1)
-    except zlib.error:
-        return data, None  # stored uncompressed (RQ falls back to the data as it is, too)
-    if len(out) > limit:
-        return None, len(out)
-    if not inflate.eof:
-        return data, None  # a truncated stream: RQ's zlib.decompress fails and it reads the data as it is
-    return out, None
 
 
 def _missing_reason(missing: list[str]) -> str:
@@ -120,7 +100,7 @@ class PerthJob(PackedJob):
         if not isinstance(data, bytes):
             self._restore_fields(raw_data)
             return
-        plain, self._oversize = _read(data, MAX_JOB_BYTES)
+        plain, self._oversize = inflate_job_data(data, MAX_JOB_BYTES)
         self._restore_fields({**raw_data, key: _PLACEHOLDER})
         if plain is not None:
             # saving the job again (at its end) stores the data as it came, not compressed anew
