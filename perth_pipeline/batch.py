@@ -38,7 +38,7 @@ from uuid import UUID
 import zstandard
 from rq.job import Job
 
-from . import wire
+from . import rqcompat, wire
 from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
 from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord, compact_json
 from .units import plural
@@ -289,6 +289,7 @@ class PackedJob(Job):
 
     RQ's ``Job.to_dict`` compresses the job data at zlib's default level each time a job is
     saved; a batch is compressed once, faster, when it is encoded. RQ reads either back alike.
+    (Its hold on RQ's private job data goes through :mod:`perth_pipeline.rqcompat`.)
     """
 
     packed: bytes | None = None
@@ -300,14 +301,11 @@ class PackedJob(Job):
         self._packed_data = data
 
     def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
-        data = self._data
-        if self.packed is None or data is not getattr(self, "_packed_data", None):
+        if self.packed is None or rqcompat.stored_data(self) is not getattr(self, "_packed_data", None):
             return super().to_dict(include_meta=include_meta, include_result=include_result)
-        self._data = b""  # RQ compresses self.data: hand it nothing, then put the packed data in
-        try:
+        # RQ compresses self.data: hand it nothing, then put the packed data in
+        with rqcompat.data_withheld(self):
             obj = super().to_dict(include_meta=include_meta, include_result=include_result)
-        finally:
-            self._data = data
         obj["data"] = self.packed
         return obj
 

@@ -25,6 +25,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now, utcformat
 
+from perth_pipeline import rqcompat
 from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings
 
@@ -75,15 +76,16 @@ def _put_back_abandoned(
         if job.retries_left is not None and job.retries_left > 0:
             job.retries_left -= 1
             job.started_at = None
-            queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            rqcompat.enqueue_job(queue, job, pipeline=pipe, at_front=True)
             outcome = f"put back at the head of the queue ({job.retries_left} retries left)"
         else:
             if job.failure_ttl is None or not 0 <= job.failure_ttl <= settings.failed_ttl:
                 job.failure_ttl = settings.failed_ttl
             job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job._handle_failure(
+            rqcompat.fail_job(
+                job,
                 "AbandonedJobError: its worker stopped heart-beating (killed?) and no retries are left",
-                pipe,
+                pipeline=pipe,
                 worker_name="",
             )
             outcome = "moved to the failed registry (no retries left)"
@@ -108,7 +110,7 @@ def enqueue_overdue(connection: redis.Redis, queue: Any, settings: Settings) -> 
         job = _fetch(connection, queue, job_id, settings)
         if job is None:
             continue
-        queue._enqueue_job(job, at_front=job.should_enqueue_at_front())
+        rqcompat.enqueue_job(queue, job, at_front=job.should_enqueue_at_front())
         logger.info(
             "batch %s was due for a retry and no scheduler took it: enqueued",
             job_id,

@@ -26,6 +26,7 @@ import redis
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job
 
+from perth_pipeline import rqcompat
 from perth_pipeline.batch import PackedJob
 from perth_pipeline.wire import MAX_JOB_BYTES, inflate_job_data
 
@@ -165,8 +166,7 @@ class PerthJob(PackedJob):
             inspect.signature(function).bind(*args, **kwargs)
         except TypeError as exc:
             return f"arguments do not fit {name}: {exc}"
-        names = (self._success_callback_name, self._failure_callback_name, self._stopped_callback_name)
-        callbacks = [short(n) for n in names if n]
+        callbacks = [short(n) for n in rqcompat.callback_names(self) if n]
         if callbacks:
             return f"refused callback(s) {', '.join(callbacks)}: callbacks are not allowed"
         if self.webhooks:

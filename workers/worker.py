@@ -44,6 +44,7 @@ from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
+from perth_pipeline import rqcompat
 from perth_pipeline.broker import Keys
 from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings
@@ -105,9 +106,9 @@ class PerthWorker(SimpleWorker):
             extra={"job_id": job.id, "queue": job.origin},
         )
         metrics.record_failure(job, exc_type)
-        for handler in self._exc_handlers:
-            if not handler(job, *exc_info):
-                break
+        # the handlers pushed with push_exc_handler, walked as RQ walks them (its handle_exception
+        # would also log the job's arguments): only an explicit false value stops the chain
+        rqcompat.run_exception_handlers(rqcompat.exception_handlers(self), job, *exc_info)
 
     def handle_job_failure(
         self, job: Job, queue: Any, started_job_registry: Any = None, exc_string: str = ""
@@ -126,7 +127,7 @@ class PerthWorker(SimpleWorker):
     # --- signals: a second SIGTERM rolls the batch back and puts it back ------------------------
 
     def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
-        requested = self._shutdown_requested_date
+        requested = rqcompat.shutdown_requested_at(self)
         if requested is None or now() - requested >= timedelta(seconds=1):
             # RQ ignores a repeat within a second (the same signal, sent twice by a pool)
             self._cold_shutdown = True
@@ -139,7 +140,7 @@ class PerthWorker(SimpleWorker):
                 self.cleanup_execution(job, pipeline=pipe)
                 job.started_at = None
                 job.ended_at = None
-                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                rqcompat.enqueue_job(queue, job, pipeline=pipe, at_front=True)
                 pipe.execute()
         except redis.RedisError:
             logger.warning("could not put batch %s back; it is run again once its lease expires", job.id)
@@ -192,7 +193,7 @@ class PerthWorker(SimpleWorker):
         self.last_cleaned_at = now()  # type: ignore[assignment]
 
     def _clean_rq_registries(self, queue: Any) -> None:
-        clean_registries(queue, self._exc_handlers)
+        clean_registries(queue, rqcompat.exception_handlers(self))
         clean_worker_registry(queue)
         queue.intermediate_queue.cleanup(self, queue)
 
@@ -239,7 +240,7 @@ class PerthWorker(SimpleWorker):
                 job, queue = result
                 if isinstance(job, PerthJob):
                     job.taken_from(queue.name)
-            if result is not None or timeout is None or self._stop_requested:
+            if result is not None or timeout is None or rqcompat.stop_requested(self):
                 return result
 
     def _drop_foreign(self, queue: Any, job_id: str) -> None:
@@ -263,7 +264,7 @@ class PerthWorker(SimpleWorker):
         """Wait (with back-off) until PostgreSQL takes writes; False when stopping, or in burst mode."""
         delay = 1.0
         while not self.context.check_database():
-            if self._stop_requested or burst:
+            if rqcompat.stop_requested(self) or burst:
                 return False
             self.heartbeat()
             self.procline(f"PostgreSQL unreachable; retrying in {delay:.0f}s")  # type: ignore[no-untyped-call]
@@ -280,7 +281,7 @@ class PerthWorker(SimpleWorker):
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
         self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
-            sleep_time=_PUBSUB_WAKE, daemon=True, exception_handler=self._pubsub_exception_handler
+            sleep_time=_PUBSUB_WAKE, daemon=True, exception_handler=rqcompat.pubsub_exception_handler(self)
         )
 
     def teardown(self) -> None:
@@ -298,5 +299,5 @@ def _not_a_hash(exc: BaseException) -> bool:
 
 def _interruptible_sleep(worker: PerthWorker, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not worker._stop_requested:
+    while time.monotonic() < deadline and not rqcompat.stop_requested(worker):
         time.sleep(min(0.2, deadline - time.monotonic()))
