@@ -6,6 +6,11 @@ own field of a health hash in Redis, which producers and ``perth-pipeline status
 read (any worker that reaches PostgreSQL outweighs those that cannot), and removes
 that field when it stops.
 
+The context of the process is owned by this module: the worker binds its own
+(:func:`bind`, at start; unbound at teardown) and the job functions find it with
+:func:`current_context`, which builds one from the environment when jobs run
+outside our worker (a plain ``rq worker``). One per process, as the connection.
+
 The connection is set up so that a worker that dies cannot hold the locks of a
 session for long: ``client_connection_check_interval`` makes the server notice a
 vanished client within a second even in the middle of a statement (PostgreSQL 14+),
@@ -25,7 +30,7 @@ import psycopg
 import redis
 from psycopg.pq import TransactionStatus
 
-from perth_pipeline.broker import Keys, clear_db_health, prune_db_health, write_db_health
+from perth_pipeline.broker import Keys, clear_db_health, make_redis, prune_db_health, write_db_health
 from perth_pipeline.errors import DatabaseUnavailable
 from perth_pipeline.masking import first_line, mask_url, masked_logger
 from perth_pipeline.settings import Settings
@@ -33,7 +38,7 @@ from perth_pipeline.store import connect
 
 from .applier import Applier
 
-__all__ = ["JobContext", "effective_statement_timeout"]
+__all__ = ["JobContext", "bind", "current_context", "effective_statement_timeout"]
 
 logger = masked_logger("workers.context")
 
@@ -184,3 +189,25 @@ class JobContext:
     def close(self) -> None:
         self.withdraw_report()
         self.discard_connection()
+
+
+class _Process:
+    """The context of this worker process (see the module's docstring): a process-wide global."""
+
+    context: JobContext | None = None
+
+
+def bind(context: JobContext | None) -> None:
+    """Set the worker process's context (its PostgreSQL connection and Redis client), or unset it."""
+    _Process.context = context
+
+
+def current_context() -> JobContext:
+    """The worker process's context; built from the environment if no worker bound one."""
+    if _Process.context is None:
+        # run outside our worker (a plain `rq worker`): build the context from the environment
+        settings = Settings.from_env()
+        if not settings.redis_url:
+            raise DatabaseUnavailable("no worker context and no REDIS_URL")
+        _Process.context = JobContext(settings, make_redis(settings.redis_url, socket_timeout=10.0))
+    return _Process.context

@@ -18,11 +18,14 @@ Failures are of two kinds:
 
 Reasons are one line and never quote the user's data: a database error is
 reported by its primary message only (its DETAIL and CONTEXT may quote a row).
+
+The refusal (:func:`workers.refusal.refuse`) and the process's context
+(:func:`workers.context.current_context`) are shared with ``workers.maintenance``,
+which this module imports to allowlist its function: they live below both.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +34,6 @@ import redis
 from pydantic import TypeAdapter, ValidationError
 from rq import get_current_job
 
-from perth_pipeline.broker import make_redis
 from perth_pipeline.errors import DatabaseUnavailable
 from perth_pipeline.masking import first_line, masked_logger
 from perth_pipeline.records import (
@@ -42,12 +44,12 @@ from perth_pipeline.records import (
     Operation,
     upgrade_payload,
 )
-from perth_pipeline.settings import Settings
-from perth_pipeline.wire import APPLY_BATCH, CLEANUP, SUPPORTED_FORMATS, mark_refused
+from perth_pipeline.wire import APPLY_BATCH, CLEANUP, SUPPORTED_FORMATS
 
 from . import maintenance, metrics
 from .applier import ApplyResult
-from .context import JobContext
+from .context import JobContext, bind, current_context
+from .refusal import PoisonBatch, refuse
 from .serializer import ParsedBatch
 
 __all__ = ["ALLOWED", "PoisonBatch", "TransientFailure", "apply_batch", "bind", "parse_batch"]
@@ -55,36 +57,11 @@ __all__ = ["ALLOWED", "PoisonBatch", "TransientFailure", "apply_batch", "bind", 
 logger = masked_logger("workers.jobs")
 
 
-class _Process:
-    """State of this worker process: its context, bound by the worker class at start."""
-
-    context: JobContext | None = None
-
-
 _OP_ADAPTER: TypeAdapter[Any] = TypeAdapter(Operation)
-
-
-class PoisonBatch(Exception):
-    """The job's payload cannot be applied, now or later: it goes to the failed registry."""
 
 
 class TransientFailure(Exception):
     """The batch could not be applied now (database down, restarting, a statement timed out): retried."""
-
-
-def bind(context: JobContext | None) -> None:
-    """Set the worker process's context (its PostgreSQL connection and Redis client)."""
-    _Process.context = context
-
-
-def _current_context() -> JobContext:
-    if _Process.context is None:
-        # run outside our worker (a plain `rq worker`): build the context from the environment
-        settings = Settings.from_env()
-        if not settings.redis_url:
-            raise DatabaseUnavailable("no worker context and no REDIS_URL")
-        _Process.context = JobContext(settings, make_redis(settings.redis_url, socket_timeout=10.0))
-    return _Process.context
 
 
 def _reasons(exc: ValidationError, prefix: str = "") -> list[str]:
@@ -171,17 +148,6 @@ def parse_batch(payload: Any) -> tuple[Batch, list[Any], list[str]]:
     return batch, valid, rejected
 
 
-def _refuse(reason: str) -> PoisonBatch:
-    job = get_current_job()
-    if job is not None:
-        job.retries_left = 0  # retrying cannot help: straight to the failed registry
-        # tells the producer not to send the same entities again (it would be refused again)
-        mark_refused(job.meta, reason)
-        with contextlib.suppress(redis.RedisError):
-            job.save_meta()  # type: ignore[no-untyped-call]
-    return PoisonBatch(reason)
-
-
 def apply_batch(payload: Any) -> dict[str, Any]:
     """Apply one batch in one transaction. The only job producers send.
 
@@ -196,8 +162,8 @@ def apply_batch(payload: Any) -> dict[str, Any]:
         try:
             batch, ops, rejected = parse_batch(payload)
         except PoisonBatch as exc:
-            raise _refuse(str(exc)) from None
-    context = _current_context()
+            raise refuse(str(exc)) from None
+    context = current_context()
     result = _apply(context, batch, ops, json_texts)
     context.database_ok()
     _settle_outstanding(context, batch)
@@ -212,7 +178,7 @@ def apply_batch(payload: Any) -> dict[str, Any]:
         extra={"batch_id": str(batch.id), **result.as_dict()},
     )
     if rejected:
-        raise _refuse(
+        raise refuse(
             f"{len(rejected)} invalid operation field(s) refused (the {len(ops)} valid operations "
             f"were applied): " + "; ".join(rejected[:10])
         )
@@ -231,7 +197,7 @@ def _apply(
             raise TransientFailure(str(exc)) from None
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             context.after_failure()
-            raise _refuse(f"the database refused the batch: {_describe(exc)}") from None
+            raise refuse(f"the database refused the batch: {_describe(exc)}") from None
         except psycopg.Error as exc:
             lost = context.connection_lost()
             context.after_failure()

@@ -16,6 +16,9 @@ from perth_pipeline.errors import DatabaseUnavailable
 from perth_pipeline.masking import masked_logger
 from perth_pipeline.retention import MIN_JOB_RETENTION, run_cleanup
 
+from .context import current_context
+from .refusal import refuse
+
 __all__ = ["CleanupOptions", "cleanup"]
 
 logger = masked_logger("workers.maintenance")
@@ -37,9 +40,6 @@ class CleanupOptions(BaseModel):
 
 def cleanup(options: Any) -> dict[str, Any]:
     """Remove old sessions, orphan rows and tombstones; returns the report (JSON)."""
-    # imported here: workers.jobs imports this module to allowlist its functions
-    from .jobs import _current_context, _refuse
-
     try:
         opts = CleanupOptions.model_validate(options)
     except ValidationError as exc:
@@ -47,8 +47,8 @@ def cleanup(options: Any) -> dict[str, Any]:
             f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
             for e in exc.errors(include_input=False, include_url=False)
         )
-        raise _refuse(f"invalid cleanup options: {reasons}") from None
-    context = _current_context()
+        raise refuse(f"invalid cleanup options: {reasons}") from None
+    context = current_context()
     retention = opts.tombstone_retention or context.settings.tombstone_retention
     try:
         report = run_cleanup(

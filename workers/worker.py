@@ -49,7 +49,7 @@ from perth_pipeline.broker import Keys
 from perth_pipeline.masking import masked_logger
 from perth_pipeline.settings import Settings
 
-from . import jobs, metrics, registries
+from . import context, jobs, metrics, registries
 from .context import JobContext
 from .serializer import JobSerializer
 from .vetting import MAX_JOB_BYTES, PerthJob, UnknownJobFunction, UnreadableJobHash, short
@@ -80,7 +80,7 @@ class PerthWorker(SimpleWorker):
             default_result_ttl=settings.result_ttl,
         )
         self.context = JobContext(settings, connection, name=self.name)
-        jobs.bind(self.context)
+        context.bind(self.context)
         self._beat_stop = threading.Event()
         self._cold_shutdown = False
         self.log_result_lifespan = False
@@ -289,7 +289,7 @@ class PerthWorker(SimpleWorker):
             super().teardown()  # type: ignore[no-untyped-call]
         finally:
             self.context.close()
-            jobs.bind(None)
+            context.bind(None)
 
 
 def _not_a_hash(exc: BaseException) -> bool:

@@ -48,7 +48,7 @@ def test_a_worker_hands_its_exception_handlers_over_in_the_order_they_were_pushe
 
 def test_perth_worker_walks_the_exception_handlers_as_rq_does() -> None:
     from tests.helpers import test_settings
-    from workers import jobs
+    from workers import context
     from workers.jobs import PoisonBatch
     from workers.worker import PerthWorker
 
@@ -65,4 +65,4 @@ def test_perth_worker_walks_the_exception_handlers_as_rq_does() -> None:
         worker.handle_exception(job, PoisonBatch, exc, exc.__traceback__)
         assert calls == ["first", "second"]
     finally:
-        jobs.bind(None)
+        context.bind(None)
