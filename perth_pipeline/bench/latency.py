@@ -259,7 +259,7 @@ def _producer_run(
         cond.producer_on(manager)
         started = time.monotonic()
         with _GcPauses() as gc_pauses:
-            flusher = manager._thread  # the benchmark's own look inside: the thread it competes with
+            flusher = manager._flusher.thread  # the benchmark's own look inside: the thread it competes with
             paced = paced_calls(
                 manager.update_pane,
                 updates,

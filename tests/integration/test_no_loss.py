@@ -15,7 +15,12 @@ from typing import Any
 import psycopg
 import pytest
 
+import perth_pipeline.flusher as flusher_module
+import perth_pipeline.health as health_module
+import perth_pipeline.inflight as inflight_module
 import perth_pipeline.producer as producer_module
+import perth_pipeline.reader as reader_module
+import perth_pipeline.tasks as tasks_module
 from perth_pipeline import NotFound, PaneHistoryChunk, PersistenceManager
 from perth_pipeline.settings import Settings
 
@@ -23,7 +28,7 @@ from ..helpers import drain, pane, session, settle, tab, wait_for
 
 
 class ShiftedTime:
-    """The ``time`` module as the producer sees it, with a monotonic clock that can jump ahead."""
+    """The ``time`` module as the producer's modules see it, with a monotonic clock that can jump ahead."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -38,7 +43,9 @@ class ShiftedTime:
 @pytest.fixture
 def shifted(monkeypatch: pytest.MonkeyPatch) -> ShiftedTime:
     clock = ShiftedTime()
-    monkeypatch.setattr(producer_module, "time", clock)
+    modules = (producer_module, flusher_module, tasks_module, inflight_module, health_module, reader_module)
+    for module in modules:
+        monkeypatch.setattr(module, "time", clock)
     return clock
 
 

@@ -131,7 +131,7 @@ def test_the_first_batch_sent_asks_the_server_nothing_more_than_the_later_ones()
     manager = PersistenceManager(settings=Settings(queue=QUEUE), redis_client=client)
     try:
         # the flusher's first poll learns the server's version, in its own round trip
-        wait_for(lambda: manager._queue.redis_server_version, what="the first poll")
+        wait_for(lambda: manager._flusher.queue.redis_server_version, what="the first poll")
         manager.create_session(session("first"))
         wait_for(lambda: manager.stats()["enqueued_jobs"] == 1, what="the first batch to be sent")
         assert client.infos == 0  # RQ did not stop the first enqueue for an INFO round trip
@@ -158,21 +158,21 @@ class _PipelineSizes(fakeredis.FakeRedis):
 
 
 def test_many_batches_in_flight_are_read_in_small_pipelines_and_all_settle() -> None:
-    from perth_pipeline import producer
+    from perth_pipeline import tasks
 
     client = _PipelineSizes()
     settings = Settings(queue=QUEUE, batch_max_ops=1, flush_interval=0.01)
     manager = PersistenceManager(settings=settings, redis_client=client)
     try:
-        for n in range(2 * producer._POLL_CHUNK + 20):
+        for n in range(2 * tasks._POLL_CHUNK + 20):
             manager.create_session(session(f"s{n}"))
-        total = 2 * producer._POLL_CHUNK + 20
+        total = 2 * tasks._POLL_CHUNK + 20
         wait_for(lambda: manager.stats()["inflight_jobs"] == total, what="every batch in flight")
-        assert max(client.sizes) <= producer._POLL_CHUNK
+        assert max(client.sizes) <= tasks._POLL_CHUNK
         for raw in client.lrange(f"rq:queue:{QUEUE}", 0, -1):
             client.hset(Job.key_for(raw.decode()), "status", "finished")
         wait_for(lambda: manager.stats()["committed_jobs"] == total, what="every batch to settle")
-        assert max(client.sizes) <= producer._POLL_CHUNK
+        assert max(client.sizes) <= tasks._POLL_CHUNK
         assert manager.flush(timeout=1)
     finally:
         manager.close(timeout=1)

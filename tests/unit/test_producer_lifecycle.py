@@ -122,7 +122,7 @@ def test_close_returns_within_its_timeout_whatever_redis_does(dead: str, silent:
 def test_the_flusher_thread_is_a_daemon() -> None:
     manager = PersistenceManager(settings=settings(), redis_client=fakeredis.FakeRedis())
     try:
-        assert manager._thread is not None and manager._thread.daemon
+        assert manager._flusher.thread is not None and manager._flusher.thread.daemon
     finally:
         manager.close(timeout=1)
 

@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 
 from perth_pipeline import PersistenceManager
-from perth_pipeline import producer as producer_module
+from perth_pipeline import inflight as inflight_module
 from perth_pipeline.broker import Keys, write_db_health
 from perth_pipeline.settings import Settings
 
@@ -112,7 +112,7 @@ def counted(caplog: pytest.LogCaptureFixture, level: int) -> int:
 @pytest.fixture
 def summary_every(monkeypatch: pytest.MonkeyPatch) -> float:
     # the summaries come at most every 30 s; half a second here, so that the test sees them all
-    monkeypatch.setattr(producer_module, "_LOG_EVERY", 0.5)
+    monkeypatch.setattr(inflight_module, "LOG_EVERY", 0.5)
     return 0.5
 
 
