@@ -23,18 +23,18 @@ def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path |
     state: CliState = ctx.obj
     sid = parse_session_id(session_id)
     settings = state.backends(ctx)
-    from .producer import PersistenceManager
+    from .reader import Reader
     from .snapshot import session_document
 
-    manager = PersistenceManager(settings=settings, start=False)
+    reader = Reader(settings)  # no producer: nothing to write, no flusher thread
     try:
-        document = session_document(manager, sid, wait=wait, with_history=with_history is not None)
+        document = session_document(reader, sid, wait=wait, with_history=with_history is not None)
     except NotFound:
         fail(f"session {sid} is not stored (or was deleted)")
     except PersistenceError as exc:
         fail(str(exc))
     finally:
-        manager.close(timeout=0)
+        reader.close()
     if with_history is not None:
         with_history.mkdir(parents=True, exist_ok=True)
         for tab in document["tabs"]:
@@ -229,21 +229,21 @@ def restore(
 def sessions(ctx: click.Context, as_json: bool) -> None:
     """List stored sessions, most recently active first."""
     settings = ctx.obj.backends(ctx)
-    from .store import Store
+    from .reader import Reader
 
-    store = Store(settings.database_url or "")
+    reader = Reader(settings.with_urls(None, settings.database_url))  # a list waits for no queue
     try:
-        rows = store.sessions()
+        records = reader.list_sessions()
     except PersistenceError as exc:
         fail(str(exc))
     finally:
-        store.close()
+        reader.close()
     if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r, _ in rows], indent=2))
+        click.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
-    if not rows:
+    if not records:
         click.echo("no stored sessions")
-    for record, _ in rows:
+    for record in records:
         click.echo(f"{record.id}  {record.last_active:%Y-%m-%d %H:%M:%S}  {record.name}")
 
 

@@ -25,19 +25,21 @@ import os
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import redis
 from rq.job import Job
 
 from .broker import LIVE_STATUSES, Keys, make_redis
-from .buffer import Buffer
 from .errors import DatabaseUnavailable, InvalidRecord, NotFound
 from .masking import masked_logger
 from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
 from .store import Store
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
 
 __all__ = ["Reader", "as_uuid"]
 

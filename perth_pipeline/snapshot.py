@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .producer import PersistenceManager
+if TYPE_CHECKING:
+    from .producer import PersistenceManager
+    from .reader import Reader
 
 __all__ = ["session_document"]
 
 
 def session_document(
-    manager: PersistenceManager, session_id: UUID, *, wait: float | None = None, with_history: bool = False
+    manager: PersistenceManager | Reader,
+    session_id: UUID,
+    *,
+    wait: float | None = None,
+    with_history: bool = False,
 ) -> dict[str, Any]:
     """``{"session": {...}, "tabs": [{...tab fields..., "panes": [{...}]}]}`` (JSON-ready).
 
-    One read of the whole session (:meth:`PersistenceManager.restore_session_tree`): it waits
+    One read of the whole session (``restore_session_tree`` of a manager, or of a
+    :class:`~perth_pipeline.reader.Reader` where no producer runs): it waits
     (bounded) for the session's queued batches once, then reads one snapshot. With
     ``with_history`` each pane also carries ``history`` (bytes, not JSON-ready).
     """
