@@ -25,7 +25,6 @@ else (failed, or vanished with a Redis restart) makes its writes dirty again.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from datetime import UTC, datetime
 
 from rq.job import JobStatus
 
+from . import wire
 from .batch import EncodedBatch
 from .broker import LIVE_STATUSES
 from .buffer import Buffer, Chunk, Receipt, Touch
@@ -45,17 +45,6 @@ __all__ = ["LOG_EVERY", "InFlight", "InFlightTracker", "Summary"]
 logger = masked_logger("perth_pipeline.producer")
 
 LOG_EVERY = 30.0  # at most one line per this many seconds for a repeated condition
-
-
-def _refusal(meta: bytes | None) -> str | None:
-    if not meta:
-        return None
-    try:
-        value = json.loads(meta)
-    except ValueError:
-        return None
-    reason = value.get("perth_refused") if isinstance(value, dict) else None
-    return str(reason) if reason else None
 
 
 class Summary:
@@ -201,7 +190,7 @@ class InFlightTracker:
                 self._forget(job)  # after: see the module's docstring
                 self._resync_log.note("abandoned by its worker", job.job_id)
             return
-        refused = _refusal(meta)
+        refused = wire.refusal(meta)
         if refused is not None:
             # the workers refused what this producer sent: sending it again cannot help
             self._forget(job)
