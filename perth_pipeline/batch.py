@@ -40,7 +40,8 @@ from rq.job import Job
 
 from . import rqcompat, wire
 from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
-from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord, compact_json
+from .limits import compact_json
+from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from .units import plural
 
 __all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches"]

@@ -7,7 +7,7 @@ above them even if its wall clock stepped back. The producer's id (the batch's
 ``origin``) breaks ties between producers.
 
 Two bounds keep every version storable (``bigint``) and acceptable to the workers, who refuse
-a version more than ``records.MAX_CLOCK_SKEW_NS`` (a day) ahead of their own clock:
+a version more than ``limits.MAX_CLOCK_SKEW_NS`` (a day) ahead of their own clock:
 
 * ``observe`` ignores a version more than half that ahead of this host's clock (a row written
   by a broken clock, or by hand at 2^63-1): adopting it would make every later version of this
@@ -17,7 +17,7 @@ a version more than ``records.MAX_CLOCK_SKEW_NS`` (a day) ahead of their own clo
   minute) says so.
 * a host clock past ``_CEILING`` (the year 2262, where nanoseconds leave ``bigint``) is not
   used: versions go on by logical increments from the last one, with an error logged once, and
-  they never pass ``records.MAX_VERSION``.
+  they never pass ``limits.MAX_VERSION``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 import threading
 import time
 
+from .limits import MAX_CLOCK_SKEW_NS, MAX_VERSION
 from .masking import masked_logger
-from .records import MAX_CLOCK_SKEW_NS, MAX_VERSION
 
 __all__ = ["HybridClock"]
 

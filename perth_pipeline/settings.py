@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .limits import MAX_CHUNK_BYTES, MAX_JSON_BYTES, MAX_OPS_PER_BATCH
 from .masking import mask_url
-from .records import MAX_CHUNK_BYTES, MAX_JSON_BYTES, MAX_OPS_PER_BATCH
 from .units import parse_duration
 
 __all__ = ["Settings", "mask_url", "parse_duration"]

@@ -20,8 +20,9 @@ from psycopg.rows import dict_row
 
 from .errors import DatabaseError, DatabaseUnavailable, PersistenceError
 from .masking import carries_secret, first_line, mask_url, masked_logger
+from .operations import inflate_chunk
 from .queries import load_queries, schema_sql
-from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord, inflate_chunk
+from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 
 __all__ = ["Routes", "Store", "connect", "wrap_errors"]
 

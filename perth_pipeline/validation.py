@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from .errors import InvalidRecord
-from .records import (
+from .limits import (
     MAX_COMMAND_CHARS,
     MAX_INT32,
     MAX_JSON_DEPTH,
@@ -26,14 +26,10 @@ from .records import (
     MAX_PATH_CHARS,
     MAX_TITLE_CHARS,
     MIN_JSON_INT,
-    PaneHistoryChunk,
-    PaneRecord,
-    SessionRecord,
-    TabRecord,
-    TemplateRecord,
     json_size,
     timestamp_problem,
 )
+from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
 
 __all__ = [
     "copy_json",
@@ -158,7 +154,7 @@ def verify_template_name(name: Any) -> None:
 def copy_json(value: Any, field_name: str, budget: int) -> Any:
     """A deep copy of a JSON value, refusing one whose compact JSON is over ``budget`` bytes.
 
-    The size is the worker's (``records.json_size``: compact, UTF-8, escapes included), so
+    The size is the worker's (``limits.json_size``: compact, UTF-8, escapes included), so
     what is accepted here is never refused there. Cheaper than serializing: while walking, a
     lower and an upper bound of the size are counted (a character is 1 to 6 bytes of JSON); a
     value is refused when the lower bound is over, accepted when the upper one fits, and

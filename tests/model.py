@@ -24,7 +24,7 @@ from uuid import UUID
 
 import psycopg
 
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     HistoryAppend,
     PaneDelete,
     PaneUpsert,

@@ -25,10 +25,10 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from perth_pipeline.limits import compact_json
 from perth_pipeline.locks import lock_key
 from perth_pipeline.masking import masked_logger
-from perth_pipeline.queries import load_queries
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     Batch,
     HistoryAppend,
     PaneDelete,
@@ -40,8 +40,8 @@ from perth_pipeline.records import (
     TabUpsert,
     TemplateDelete,
     TemplateUpsert,
-    compact_json,
 )
+from perth_pipeline.queries import load_queries
 
 __all__ = ["Applier", "ApplyResult"]
 
@@ -212,7 +212,7 @@ class Applier:
         """Apply ``ops`` (default: all of ``batch.ops``) in one transaction; retried on deadlock.
 
         ``json_texts``: the compact JSON of JSON fields already encoded by validation
-        (``perth_pipeline.records.JSON_TEXTS``), copied as they are.
+        (``perth_pipeline.limits.JSON_TEXTS``), copied as they are.
         """
         started = time.perf_counter()
         operations = batch.ops if ops is None else ops

@@ -35,15 +35,9 @@ from pydantic import TypeAdapter, ValidationError
 from rq import get_current_job
 
 from perth_pipeline.errors import DatabaseUnavailable
+from perth_pipeline.limits import MAX_OPS_PER_BATCH
 from perth_pipeline.masking import first_line, masked_logger
-from perth_pipeline.records import (
-    BATCH_ADAPTER,
-    MAX_OPS_PER_BATCH,
-    Batch,
-    BatchEnvelope,
-    Operation,
-    upgrade_payload,
-)
+from perth_pipeline.operations import BATCH_ADAPTER, Batch, BatchEnvelope, Operation, upgrade_payload
 from perth_pipeline.wire import APPLY_BATCH, CLEANUP, SUPPORTED_FORMATS
 
 from . import maintenance, metrics

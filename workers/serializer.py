@@ -21,7 +21,8 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 from rq.serializers import JSONSerializer
 
-from perth_pipeline.records import JSON_TEXTS, Batch
+from perth_pipeline.limits import JSON_TEXTS
+from perth_pipeline.operations import Batch
 from perth_pipeline.wire import APPLY_BATCH, ApplyBatchName
 
 __all__ = ["JobSerializer", "ParsedBatch", "parse_apply_batch"]

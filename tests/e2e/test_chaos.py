@@ -55,7 +55,7 @@ from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneHistoryChunk, PaneRecord, PersistenceManager, SessionRecord, TabRecord
 from perth_pipeline.batch import JOB_FUNCTION
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     HistoryAppend,
     Operation,
     PaneDelete,
@@ -65,9 +65,9 @@ from perth_pipeline.records import (
     TabDelete,
     TabUpsert,
     TemplateDelete,
-    TemplateRecord,
     TemplateUpsert,
 )
+from perth_pipeline.records import TemplateRecord
 from perth_pipeline.settings import Settings
 from perth_pipeline.testing import ThrowawayPostgres
 

@@ -25,7 +25,7 @@ from rq.serializers import JSONSerializer
 from perth_pipeline import PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import DbHealth, Keys, read_db_health
-from perth_pipeline.records import Batch, SessionUpsert, TabUpsert
+from perth_pipeline.operations import Batch, SessionUpsert, TabUpsert
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import connect
 from perth_pipeline.testing import ThrowawayPostgres, free_port

@@ -27,7 +27,7 @@ from rq.utils import utcparse
 
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import Keys, read_db_health
-from perth_pipeline.records import Batch, SessionUpsert, TabUpsert
+from perth_pipeline.operations import Batch, SessionUpsert, TabUpsert
 from perth_pipeline.settings import Settings
 from perth_pipeline.store import connect
 from workers.applier import Applier

@@ -22,23 +22,20 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     Batch,
     HistoryAppend,
     PaneDelete,
-    PaneRecord,
     PaneUpsert,
     SessionDelete,
-    SessionRecord,
     SessionTouch,
     SessionUpsert,
     TabDelete,
-    TabRecord,
     TabUpsert,
     TemplateDelete,
-    TemplateRecord,
     TemplateUpsert,
 )
+from perth_pipeline.records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from perth_pipeline.store import Store, connect
 from workers.applier import Applier
 

@@ -14,7 +14,7 @@ import zstandard
 from pydantic import ValidationError
 
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
-from perth_pipeline.records import HistoryAppend, inflate_chunk
+from perth_pipeline.operations import HistoryAppend, inflate_chunk
 from perth_pipeline.settings import Settings
 
 from ..helpers import pane, session, settle, tab

@@ -21,8 +21,9 @@ from rq.serializers import JSONSerializer
 import perth_pipeline.clock as clock_module
 from perth_pipeline import InvalidRecord, PersistenceManager
 from perth_pipeline.batch import JOB_FUNCTION
-from perth_pipeline.records import FORMAT_VERSION, MAX_CLOCK_SKEW_NS, MAX_JSON_BYTES, MAX_VERSION, json_size
+from perth_pipeline.limits import MAX_CLOCK_SKEW_NS, MAX_JSON_BYTES, MAX_VERSION, json_size
 from perth_pipeline.settings import Settings
+from perth_pipeline.wire import FORMAT_VERSION
 from workers.worker import PerthJob
 
 from ..helpers import drain, now, pane, session, settle, tab

@@ -31,8 +31,9 @@ from rq.webhook import Webhook
 
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import make_queue, make_redis
-from perth_pipeline.records import FORMAT_VERSION, Batch, SessionUpsert
+from perth_pipeline.operations import Batch, SessionUpsert
 from perth_pipeline.settings import Settings
+from perth_pipeline.wire import FORMAT_VERSION
 from workers.worker import MAX_JOB_BYTES, PerthJob, PerthWorker
 
 from ..helpers import now, session, tab

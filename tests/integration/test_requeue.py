@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from perth_pipeline.batch import JOB_FUNCTION
 from perth_pipeline.broker import Keys
-from perth_pipeline.records import Batch, SessionUpsert
+from perth_pipeline.operations import Batch, SessionUpsert
 from perth_pipeline.settings import Settings
 
 from ..helpers import drain, now, run_cli, session

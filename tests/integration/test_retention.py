@@ -14,7 +14,7 @@ import pytest
 
 from perth_pipeline import NotFound, PaneHistoryChunk, PersistenceManager
 from perth_pipeline.locks import lock_key
-from perth_pipeline.records import Batch, HistoryAppend, PaneUpsert, SessionUpsert, TabUpsert
+from perth_pipeline.operations import Batch, HistoryAppend, PaneUpsert, SessionUpsert, TabUpsert
 from perth_pipeline.retention import run_cleanup
 from perth_pipeline.settings import Settings
 from workers.applier import Applier

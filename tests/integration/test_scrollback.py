@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from perth_pipeline import InvalidRecord, PaneHistoryChunk, PersistenceManager
-from perth_pipeline.records import MAX_CHUNK_BYTES
+from perth_pipeline.limits import MAX_CHUNK_BYTES
 from perth_pipeline.settings import Settings
 
 from ..helpers import pane, session, settle, tab

@@ -18,17 +18,15 @@ import psycopg
 import pytest
 
 from perth_pipeline.locks import lock_key
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     Batch,
-    SessionRecord,
     SessionUpsert,
     TabDelete,
-    TabRecord,
     TabUpsert,
     TemplateDelete,
-    TemplateRecord,
     TemplateUpsert,
 )
+from perth_pipeline.records import SessionRecord, TabRecord, TemplateRecord
 from perth_pipeline.store import connect
 from workers.applier import Applier, reduce_batch
 

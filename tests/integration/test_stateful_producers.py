@@ -41,7 +41,7 @@ from perth_pipeline import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecor
 from perth_pipeline.batch import EncodedBatch, encode_batches
 from perth_pipeline.buffer import PANE, SESSION, TAB, Buffer
 from perth_pipeline.clock import HybridClock
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     BATCH_ADAPTER,
     Batch,
     HistoryAppend,

@@ -22,7 +22,7 @@ from perth_pipeline import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecor
 from perth_pipeline.batch import JOB_FUNCTION, PackedJob, describe, encode_batches
 from perth_pipeline.broker import make_queue
 from perth_pipeline.buffer import PANE, SESSION, TAB, TEMPLATE, Buffer, Drained, Item
-from perth_pipeline.records import BATCH_ADAPTER
+from perth_pipeline.operations import BATCH_ADAPTER
 
 from ..helpers import make_buffer
 

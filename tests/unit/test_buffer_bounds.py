@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
-from perth_pipeline.records import BATCH_ADAPTER
+from perth_pipeline.operations import BATCH_ADAPTER
 from perth_pipeline.scrollback import CHUNK_OVERHEAD
 from perth_pipeline.settings import Settings
 

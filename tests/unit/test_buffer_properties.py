@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from perth_pipeline import InvalidRecord, PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord
 from perth_pipeline.batch import EncodedBatch, encode_batches
 from perth_pipeline.buffer import PANE, SESSION, TAB, TEMPLATE, Buffer
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     BATCH_ADAPTER,
     HistoryAppend,
     PaneDelete,
@@ -38,9 +38,9 @@ from perth_pipeline.records import (
     TabDelete,
     TabUpsert,
     TemplateDelete,
-    TemplateRecord,
     TemplateUpsert,
 )
+from perth_pipeline.records import TemplateRecord
 
 SESSIONS = [UUID(int=n) for n in (1, 2)]
 TABS = [UUID(int=n) for n in (101, 102)]

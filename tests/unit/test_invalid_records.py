@@ -30,7 +30,8 @@ from perth_pipeline import (
     TabRecord,
     TemplateRecord,
 )
-from perth_pipeline.records import BATCH_ADAPTER, MAX_CHUNK_BYTES, MAX_JSON_BYTES
+from perth_pipeline.limits import MAX_CHUNK_BYTES, MAX_JSON_BYTES
+from perth_pipeline.operations import BATCH_ADAPTER
 from perth_pipeline.settings import Settings
 
 from ..helpers import now, pane, session, tab, wait_for

@@ -1,7 +1,7 @@
 """workers.serializer: an apply_batch job validated whole from its bytes, anything else as RQ's JSON.
 
 The fast path (:func:`parse_apply_batch`) must take exactly the job data a producer writes and
-hand over the JSON text of every JSON field as :func:`perth_pipeline.records.json_text` makes it
+hand over the JSON text of every JSON field as :func:`perth_pipeline.limits.json_text` makes it
 (the applier copies that text into the JSONB columns); everything else must fall back to RQ's
 JSON decoding, so that the job function's operation-by-operation validation decides.
 """
@@ -21,17 +21,16 @@ from rq.serializers import JSONSerializer
 
 from perth_pipeline import PaneHistoryChunk, TemplateRecord
 from perth_pipeline.batch import JOB_FUNCTION, encode_batches
-from perth_pipeline.records import (
+from perth_pipeline.limits import json_text
+from perth_pipeline.operations import (
     BATCH_ADAPTER,
-    FORMAT_VERSION,
-    SUPPORTED_FORMATS,
     Batch,
     HistoryAppend,
     PaneUpsert,
     TabUpsert,
     TemplateUpsert,
-    json_text,
 )
+from perth_pipeline.wire import FORMAT_VERSION, SUPPORTED_FORMATS
 from workers.jobs import PoisonBatch, parse_batch
 from workers.serializer import JobSerializer, ParsedBatch, parse_apply_batch
 

@@ -22,17 +22,16 @@ from pydantic import ValidationError
 import perth_pipeline.clock as clock_module
 from perth_pipeline import InvalidRecord, SessionRecord
 from perth_pipeline.clock import HybridClock
-from perth_pipeline.records import (
-    BATCH_ADAPTER,
+from perth_pipeline.limits import (
     MAX_CLOCK_SKEW_NS,
     MAX_JSON_BYTES,
     MAX_JSON_INT,
     MAX_VERSION,
     MIN_JSON_INT,
-    PaneRecord,
-    TabRecord,
     json_size,
 )
+from perth_pipeline.operations import BATCH_ADAPTER
+from perth_pipeline.records import PaneRecord, TabRecord
 from perth_pipeline.validation import copy_json, verify_session
 
 from ..helpers import make_buffer, pane, session
@@ -232,7 +231,7 @@ def test_what_a_producer_issues_after_adopting_a_version_a_worker_behind_it_stil
     clock.observe(now + MAX_CLOCK_SKEW_NS - 3600 * 10**9)  # a row 23 hours ahead of this host
     version = clock.next()
     worker_clock = now - 3600 * 10**9  # a worker an hour behind this host
-    assert version <= worker_clock + MAX_CLOCK_SKEW_NS  # the workers' rule (records.Version)
+    assert version <= worker_clock + MAX_CLOCK_SKEW_NS  # the workers' rule (limits.Version)
 
 
 def test_a_clock_past_2262_still_issues_storable_increasing_versions(

@@ -21,22 +21,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from perth_pipeline.locks import lock_key
-from perth_pipeline.records import (
+from perth_pipeline.operations import (
     HistoryAppend,
     PaneDelete,
-    PaneRecord,
     PaneUpsert,
     SessionDelete,
-    SessionRecord,
     SessionTouch,
     SessionUpsert,
     TabDelete,
-    TabRecord,
     TabUpsert,
     TemplateDelete,
-    TemplateRecord,
     TemplateUpsert,
 )
+from perth_pipeline.records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from workers.applier import reduce_batch
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -20,7 +20,7 @@ import pytest
 
 from perth_pipeline import PaneHistoryChunk, PersistenceManager
 from perth_pipeline.broker import Keys, write_db_health
-from perth_pipeline.records import BATCH_ADAPTER
+from perth_pipeline.operations import BATCH_ADAPTER
 from perth_pipeline.settings import Settings
 
 from ..helpers import pane, session, tab, wait_for

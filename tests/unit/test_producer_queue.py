@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 
 from perth_pipeline import InvalidRecord, PaneHistoryChunk, PersistenceManager, TabRecord
-from perth_pipeline.records import BATCH_ADAPTER, Batch
+from perth_pipeline.operations import BATCH_ADAPTER, Batch
 from perth_pipeline.settings import Settings
 
 from ..helpers import pane, session, tab, wait_for

@@ -22,7 +22,7 @@ import redis
 
 from perth_pipeline import PersistenceManager
 from perth_pipeline.broker import Keys, write_db_health
-from perth_pipeline.records import BATCH_ADAPTER
+from perth_pipeline.operations import BATCH_ADAPTER
 from perth_pipeline.settings import Settings
 
 from ..helpers import ClosingServer, pane, session, tab, wait_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from perth_pipeline.records import batch_json_schema, upgrade_payload
+from perth_pipeline.operations import batch_json_schema, upgrade_payload
 
 
 def test_the_published_json_schema_is_the_one_the_models_export() -> None:

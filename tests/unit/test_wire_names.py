@@ -6,12 +6,12 @@ import json
 import typing
 import zlib
 
-from perth_pipeline import records, wire
+from perth_pipeline import operations, wire
 from workers import jobs
 
 
 def test_every_operation_model_is_named_in_wire_and_every_name_has_a_model() -> None:
-    models = typing.get_args(typing.get_args(records.Operation)[0])
+    models = typing.get_args(typing.get_args(operations.Operation)[0])
     names = {model.model_fields["op"].default for model in models}
     assert names == set(wire.OP_NAMES) and len(wire.OP_NAMES) == len(models)
 
