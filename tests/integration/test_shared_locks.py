@@ -28,7 +28,8 @@ from perth_pipeline.operations import (
 )
 from perth_pipeline.records import SessionRecord, TabRecord, TemplateRecord
 from perth_pipeline.store import connect
-from workers.applier import Applier, reduce_batch
+from workers.applier import Applier
+from workers.reduction import reduce_batch
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

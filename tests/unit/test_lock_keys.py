@@ -34,7 +34,7 @@ from perth_pipeline.operations import (
     TemplateUpsert,
 )
 from perth_pipeline.records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
-from workers.applier import reduce_batch
+from workers.reduction import reduce_batch
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
