@@ -1,16 +1,9 @@
-"""The records and the operation envelope: the wire contract, as pydantic models.
+"""The records: sessions, tabs, panes, scrollback chunks and templates, as pydantic models.
 
-Records are what the terminal hands to :class:`~perth_pipeline.PersistenceManager`
-and what the reads give back. Operations wrap a record with its version; a
-:class:`Batch` of operations is the one argument of the one job that crosses
-the queue (``workers.jobs.apply_batch``). The same models validate a batch on
-both sides, and ``batch.schema.json`` (exported from :class:`Batch`) lets a
-producer in another language put the same batches on the queue.
-
-The limits are in :mod:`perth_pipeline.limits`, the operations and the batch in
-:mod:`perth_pipeline.operations`, the names that are not models in
-:mod:`perth_pipeline.wire`; this module re-exports what callers have always imported from
-it.
+Records are what the terminal hands to :class:`~perth_pipeline.PersistenceManager` and what
+the reads give back: frozen, no unknown field, every field within the wire format's limits
+(:mod:`perth_pipeline.limits`). Operations wrap a record with its version
+(:mod:`perth_pipeline.operations`).
 """
 
 from __future__ import annotations
