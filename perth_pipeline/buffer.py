@@ -20,8 +20,9 @@ Rules kept here (DESIGN.md, rule 2 and 3):
   and counted.
 
 :class:`Buffer` is the facade: the lock, the write calls (a record is checked and copied
-before the lock is taken), and the drain and resend, a slice at a time. Its parts with rules of
-their own live beside it, each without a lock of its own (they run under the buffer's):
+before the lock is taken, by :class:`~perth_pipeline.validation.Intake`), and the drain and
+resend, a slice at a time. Its parts with rules of their own live beside it, each without a
+lock of its own (they run under the buffer's):
 :mod:`~perth_pipeline.table` (the entries: what a write, delete, resend or commit does to them),
 :mod:`~perth_pipeline.dirty` (the keys waiting to be drained, in write order),
 :mod:`~perth_pipeline.touches` (touches of sessions it does not hold),
@@ -55,7 +56,6 @@ from .entries import (
     Receipt,
     Touch,
     ref,
-    same,
 )
 from .errors import InvalidRecord
 from .masking import masked_logger
@@ -64,11 +64,23 @@ from .routes import RouteIndex
 from .scrollback import Chunk, Scrollback
 from .table import EntryTable
 from .touches import PendingTouches
-from .validation import copy_json, verify_chunk, verify_pane, verify_session, verify_tab, verify_template
+from .validation import Intake, verify_pane, verify_session, verify_tab, verify_template
 
 __all__ = ["PANE", "SESSION", "TAB", "TEMPLATE", "Buffer", "Chunk", "Drained", "Item", "Receipt", "Touch"]
 
 logger = masked_logger("perth_pipeline.buffer")
+
+#: What :attr:`Buffer.counters` counts (``stats()`` reports them).
+COUNTERS = (
+    "submitted",
+    "coalesced",
+    "invalid",
+    "dropped_entities",
+    "dropped_chunks",
+    "dropped_chunk_bytes",
+    "superseded",
+    "resynced",
+)
 
 
 class Buffer:
@@ -77,12 +89,7 @@ class Buffer:
     Every method takes one short lock and does work proportional to what it is given
     (one record, one drained batch), never to what the buffer holds, so that a write
     call stays in microseconds even with a quarter of a million dirty entities behind an
-    outage.
-
-    Inside, entities are keyed by ``(kind, UUID.int)`` (templates by ``(kind, name)``) and
-    parents by ``UUID.int``: hashing a UUID runs Python code (about half a microsecond here),
-    hashing an int does not, and a write call and its drain look keys up about a dozen
-    times. The UUIDs themselves are kept in the entries, for what goes out.
+    outage. (Inside, entities are keyed by ints, not UUIDs: see :mod:`perth_pipeline.entries`.)
     """
 
     def __init__(
@@ -102,22 +109,17 @@ class Buffer:
         # needs no lock of its own here. A clock passed in must not be shared.
         self.clock = clock or HybridClock()
         self._lock = threading.Lock()
-        self._live: dict[Key, Entry] = {}  # shared by the parts below, changed only by the table
-        self.counters: dict[str, int] = {
-            "submitted": 0,
-            "coalesced": 0,
-            "invalid": 0,
-            "dropped_entities": 0,
-            "dropped_chunks": 0,
-            "dropped_chunk_bytes": 0,
-            "superseded": 0,
-            "resynced": 0,
-        }
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._intake = Intake(
+            max_json_bytes=max_json_bytes, max_chunk_bytes=max_chunk_bytes, count_invalid=self.count_invalid
+        )
+        # the parts (see the module's docstring) share the table of entries; only the table changes it
+        self._live: dict[Key, Entry] = {}
         self._admission = Admission(self._live, max_entities, self.counters)
-        # the parent index, learnt routes, and the dirty keys held for want of a route
         self._routes = RouteIndex(self._live, max_entities)
         self._scrollback = Scrollback(max_pending_history_bytes, self.counters)
         self._dirty = DirtyMap(self._routes, self.counters)
+        self._touches = PendingTouches(max_entities, self.clock, self.counters)
         self._table = EntryTable(
             self._live,
             self.clock,
@@ -125,146 +127,71 @@ class Buffer:
             admission=self._admission,
             routes=self._routes,
             dirty=self._dirty,
+            touches=self._touches,
         )
-        self._touches = PendingTouches(max_entities, self.clock, self.counters)
 
     # --- write side (caller's thread) ---------------------------------------------------
 
     def put_session(self, record: SessionRecord) -> None:
-        self._accept(record, SessionRecord, "session", verify_session)
-        ident = record.id.int
-        try:
-            with self._lock:
-                key = (SESSION, ident)
-                entry = self._live.get(key)
-                if not self._admit(entry, ident, None):
-                    return
-                if entry is not None and isinstance(entry.record, SessionRecord):
-                    held = entry.record.last_active
-                    if held > record.last_active:
-                        # last_active only grows where it is stored (a max register): keep the
-                        # buffer the same, so that what is stored does not depend on coalescing
-                        record = record.model_copy(update={"last_active": held})
-                self._table.store(key, entry, record, None, session_id=record.id, tab_id=None)
-        finally:
-            if self._admission.warning is not None:
-                self._log_full()
+        self._intake.accept(record, SessionRecord, "session", verify_session)
+        self._write(self._table.put_session, record)
 
     def put_tab(self, record: TabRecord) -> None:
-        self._accept(record, TabRecord, "tab", verify_tab)
-        snapshot = self._copy(record.layout_blob, "layout_blob")
-        session_id = record.session_id
-        key = (TAB, record.id.int)
-        try:
-            with self._lock:
-                entry = self._live.get(key)
-                if entry is not None and not entry.deleted:
-                    if not same(entry.session_id, session_id):
-                        self.counters["invalid"] += 1
-                        raise InvalidRecord("session_id", "a tab cannot move to another session")
-                    self.counters["submitted"] += 1  # an update of a tab it holds
-                    self._table.mark(entry, key, record, snapshot)
-                    return
-                if not self._admit(entry, key[1], session_id.int):
-                    return
-                self._table.store(key, entry, record, snapshot, session_id=session_id, tab_id=None)
-                self._routes.created(TAB, key[1])
-        finally:
-            if self._admission.warning is not None:
-                self._log_full()
+        self._intake.accept(record, TabRecord, "tab", verify_tab)
+        self._write(self._table.put_tab, record, self._intake.copy(record.layout_blob, "layout_blob"))
 
     def put_pane(self, record: PaneRecord) -> None:
         # The terminal's hottest call (a title or a scroll position changed): an update of a
         # pane it holds is one look-up and a few assignments under the lock.
         if type(record) is not PaneRecord:
-            self._refuse_type(record, PaneRecord, "pane")
+            self._intake.refuse_type(record, PaneRecord, "pane")
         fields = record.__dict__
         try:
             verify_pane(record, fields)
         except InvalidRecord:
             self.count_invalid()
             raise
-        snapshot = self._copy(fields["component_state"], "component_state")
+        snapshot = self._intake.copy(fields["component_state"], "component_state")
         tab_id = fields["tab_id"]
         key = (PANE, fields["id"].int)
         try:
             with self._lock:
                 entry = self._live.get(key)
-                if entry is not None and not entry.deleted:
+                # the common case, an update of a pane held with its route (and its tab), is marked
+                # here; anything else (a creation, a refused move, a route to find) is the table's
+                if entry is not None and entry.session_id is not None and not entry.deleted:
                     held = entry.tab_id
-                    if held is not tab_id and (held is None or held.int != tab_id.int):
-                        self.counters["invalid"] += 1
-                        raise InvalidRecord(
-                            "tab_id", "a pane cannot move to another tab (delete it and create a new one)"
-                        )
-                    if entry.session_id is not None:  # the common case: an update of a pane it holds
+                    if held is tab_id or (held is not None and held.int == tab_id.int):
                         self.counters["submitted"] += 1
                         self._table.mark(entry, key, record, snapshot)
                         return
-                tab = tab_id.int
-                if not self._admit(entry, key[1], tab):
-                    return
-                routes = self._routes
-                session_id = routes.session_of_tab(tab)
-                self._table.store(key, entry, record, snapshot, session_id=session_id, tab_id=tab_id)
-                routes.created(PANE, key[1])
-                if session_id is not None:
-                    routes.link_foreign_tab(tab, session_id.int)
+                self._table.put_pane(key, entry, record, snapshot)
         finally:
             if self._admission.warning is not None:
                 self._log_full()
 
     def put_template(self, record: TemplateRecord) -> None:
-        self._accept(record, TemplateRecord, "template", verify_template)
-        snapshot = self._copy(record.definition, "definition")
-        try:
-            with self._lock:
-                key = (TEMPLATE, record.name)
-                entry = self._live.get(key)
-                if not self._admit(entry, None, None):
-                    return
-                self._table.store(key, entry, record, snapshot, session_id=None, tab_id=None)
-        finally:
-            if self._admission.warning is not None:
-                self._log_full()
+        self._intake.accept(record, TemplateRecord, "template", verify_template)
+        self._write(self._table.put_template, record, self._intake.copy(record.definition, "definition"))
 
     def touch_session(self, session_id: UUID, now: datetime) -> None:
-        ident = session_id.int
         with self._lock:
             self.counters["submitted"] += 1
-            key = (SESSION, ident)
-            entry = self._live.get(key)
-            if entry is None:
-                self._touches.add(session_id, now, self._table.next_seq)
-            else:  # (a deleted one: touching it changes nothing)
-                self._table.touch(entry, key, now)
+            self._table.touch_session(session_id, now)
 
     def delete(self, kind: str, entity_id: Any) -> None:
         key = ref(kind, entity_id)
-        ident = key[1]
         try:
             with self._lock:
-                self.counters["submitted"] += 1
-                entry = self._live.get(key)
-                if not self._admission.admit_delete(entry is not None):
-                    return
-                doomed = self._table.delete(key, entity_id, entry)
+                doomed = self._table.delete(key, entity_id)
                 if doomed:
                     self._scrollback.drop_panes(doomed)
-                if kind == SESSION:
-                    self._touches.discard(ident)
         finally:
             if self._admission.warning is not None:
                 self._log_full()
 
     def append_history(self, chunk: PaneHistoryChunk) -> None:
-        self._accept(chunk, PaneHistoryChunk, "chunk", verify_chunk)
-        size = len(chunk.content)
-        if size > self.max_chunk_bytes:
-            self.count_invalid()
-            raise InvalidRecord(
-                "content", f"chunk of {size} bytes is over the limit of {self.max_chunk_bytes}"
-            )
+        size = self._intake.accept_chunk(chunk)
         pane = chunk.pane_id.int
         with self._lock:
             self.counters["submitted"] += 1
@@ -274,7 +201,8 @@ class Buffer:
                 # the pane's last output, drained after the terminal deleted it: moot, not held
                 self.counters["superseded"] += 1
                 return
-            seq = self._table.next_seq()
+            table = self._table
+            table.seq = seq = table.seq + 1  # (table.next_seq(), inlined: output is a hot path)
             tab_id, session_id = self._routes.route_of_pane(pane)
             self._scrollback.append(Chunk(chunk, pane, self.clock.next_unlocked(), seq, tab_id, session_id))
 
@@ -282,30 +210,14 @@ class Buffer:
         with self._lock:
             self.counters["invalid"] += 1
 
-    # --- helpers under the lock -------------------------------------------------------------
-
-    def _refuse_type(self, record: Any, expected: type, what: str) -> None:
-        self.count_invalid()
-        raise InvalidRecord(what, f"expected a {expected.__name__}, got {type(record).__name__}")
-
-    def _accept(self, record: Any, expected: type, what: str, verify: Callable[[Any], None]) -> None:
-        if type(record) is not expected:
-            self._refuse_type(record, expected, what)
+    def _write(self, write: Callable[..., None], *args: Any) -> None:
+        """One write of the table's under the lock; the entity bound's warning logged after, if noted."""
         try:
-            verify(record)
-        except InvalidRecord:
-            self.count_invalid()
-            raise
-
-    def _copy(self, value: Any, field_name: str) -> Any:
-        try:
-            return copy_json(value, field_name, self.max_json_bytes)
-        except InvalidRecord:
-            self.count_invalid()
-            raise
-
-    def _admit(self, entry: Entry | None, entity_id: int | None, parent_id: int | None) -> bool:
-        return self._admission.admit(entry, entity_id, parent_id)
+            with self._lock:
+                write(*args)
+        finally:
+            if self._admission.warning is not None:
+                self._log_full()
 
     def _log_full(self) -> None:
         with self._lock:
@@ -410,27 +322,11 @@ class Buffer:
             for item in deletes:
                 count += self._table.restore_delete(item)
             for touch in touches:
-                count += self._redirty_touch(touch)
-            count += self._redirty_chunks(list(chunks))
+                count += self._table.restore_touch(touch)
+            dropped, superseded = self._admission.is_dropped, self._table.chunk_superseded
+            count += self._scrollback.restore(c for c in chunks if not dropped(c.pane) and not superseded(c))
             self.counters["resynced"] += count
         return count
-
-    def _redirty_touch(self, touch: Touch) -> int:
-        key = (SESSION, touch.session_id.int)
-        entry = self._live.get(key)
-        if entry is None:
-            return self._touches.restore(touch)
-        if isinstance(entry.record, SessionRecord) and touch.last_active > entry.record.last_active:
-            self._table.touch(entry, key, touch.last_active)  # held since: the record carries it now
-            return 1
-        return 0
-
-    def _redirty_chunks(self, chunks: list[Chunk]) -> int:
-        return self._scrollback.restore(
-            c
-            for c in chunks
-            if not self._admission.is_dropped(c.pane) and not self._table.chunk_superseded(c)
-        )
 
     def confirm(self, items: Iterable[Item]) -> None:
         """Operations committed: a delete that is still the latest state is forgotten."""

@@ -15,6 +15,11 @@ A part of the buffer (:mod:`perth_pipeline.buffer`), kept apart because its rule
   committed, or superseded it: applying it again changes nothing then).
 * **Every live entry holds a slot** of the entity bound (:mod:`perth_pipeline.admission`): taken
   when one is created or created again, given back when it is deleted or forgotten.
+* **An entity keeps its parent.** A tab cannot move to another session, nor a pane to another
+  tab (refused, counted invalid): the parent index and a delete's cascade rely on it.
+* **A session's ``last_active`` only grows** where it is stored (a max register): a write or a
+  touch never lowers it, so what is stored does not depend on coalescing. A touch of a session
+  the buffer does not hold waits apart (:mod:`perth_pipeline.touches`); its delete makes it moot.
 
 The seq (write order, shared with touches and chunks) is issued here, the version by the
 buffer's clock. No lock of its own: every method runs under the buffer's lock.
@@ -29,10 +34,12 @@ from uuid import UUID
 from .admission import Admission
 from .clock import HybridClock
 from .dirty import DirtyMap
-from .entries import PANE, TAB, TEMPLATE, Entry, Item, Key, Record, parent_of
-from .records import SessionRecord, TemplateRecord
+from .entries import PANE, SESSION, TAB, TEMPLATE, Entry, Item, Key, Record, Touch, parent_of, same
+from .errors import InvalidRecord
+from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from .routes import RouteIndex
 from .scrollback import Chunk
+from .touches import PendingTouches
 
 __all__ = ["EntryTable"]
 
@@ -41,7 +48,8 @@ class EntryTable:
     """The entries by key and the seq. Runs under the buffer's lock (none of its own).
 
     ``live`` is the buffer's table of entries (shared with admission and routes, which read it);
-    only this class adds to it or takes from it. ``counters`` are the buffer's.
+    only this class adds to it or takes from it. ``counters`` are the buffer's; a write's
+    ``submitted`` is counted here where the admission does not count it.
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class EntryTable:
         admission: Admission,
         routes: RouteIndex,
         dirty: DirtyMap,
+        touches: PendingTouches,
     ) -> None:
         self.live = live
         self._clock = clock
@@ -61,13 +70,77 @@ class EntryTable:
         self._routes = routes
         self._dirty = dirty
         self._dirty_seqs = dirty.seqs  # never rebound (see DirtyMap): read once, for mark()
-        self.seq = 0  # the last seq issued
+        self._touches = touches
+        # the last seq issued (write order); the buffer's append_history issues one inline
+        self.seq = 0
 
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
     # --- writes -------------------------------------------------------------------------------
+
+    def put_session(self, record: SessionRecord) -> None:
+        ident = record.id.int
+        key = (SESSION, ident)
+        entry = self.live.get(key)
+        if not self._admission.admit(entry, ident, None):
+            return
+        if entry is not None and isinstance(entry.record, SessionRecord):
+            held = entry.record.last_active
+            if held > record.last_active:
+                record = record.model_copy(update={"last_active": held})  # a max register
+        self.store(key, entry, record, None, session_id=record.id, tab_id=None)
+
+    def put_tab(self, record: TabRecord, snapshot: Any) -> None:
+        session_id = record.session_id
+        key = (TAB, record.id.int)
+        entry = self.live.get(key)
+        if entry is not None and not entry.deleted:
+            if not same(entry.session_id, session_id):
+                self._counters["invalid"] += 1
+                raise InvalidRecord("session_id", "a tab cannot move to another session")
+            self._counters["submitted"] += 1  # an update of a tab it holds
+            self.mark(entry, key, record, snapshot)
+            return
+        if not self._admission.admit(entry, key[1], session_id.int):
+            return
+        self.store(key, entry, record, snapshot, session_id=session_id, tab_id=None)
+        self._routes.created(TAB, key[1])
+
+    def put_pane(self, key: Key, entry: Entry | None, record: PaneRecord, snapshot: Any) -> None:
+        """A write of a pane held as ``entry``: an update, or a creation, stored with its route.
+
+        (The buffer marks the common case itself, an update of a pane held with its session and
+        the same tab: the terminal's hottest call.)
+        """
+        tab_id = record.tab_id
+        if entry is not None and not entry.deleted:
+            held = entry.tab_id
+            if held is not tab_id and (held is None or held.int != tab_id.int):
+                self._counters["invalid"] += 1
+                raise InvalidRecord(
+                    "tab_id", "a pane cannot move to another tab (delete it and create a new one)"
+                )
+            if entry.session_id is not None:  # an update of a pane it holds
+                self._counters["submitted"] += 1
+                self.mark(entry, key, record, snapshot)
+                return
+        tab = tab_id.int
+        if not self._admission.admit(entry, key[1], tab):
+            return
+        routes = self._routes
+        session_id = routes.session_of_tab(tab)
+        self.store(key, entry, record, snapshot, session_id=session_id, tab_id=tab_id)
+        routes.created(PANE, key[1])
+        if session_id is not None:
+            routes.link_foreign_tab(tab, session_id.int)
+
+    def put_template(self, record: TemplateRecord, snapshot: Any) -> None:
+        key = (TEMPLATE, record.name)
+        entry = self.live.get(key)
+        if self._admission.admit(entry, None, None):
+            self.store(key, entry, record, snapshot, session_id=None, tab_id=None)
 
     def store(
         self,
@@ -116,17 +189,26 @@ class EntryTable:
         elif unrouted:
             unrouted.discard(key)
 
-    def touch(self, entry: Entry, key: Key, now: datetime) -> None:
-        """A touch of a session the buffer holds (as ``entry``): ``last_active`` only grows."""
-        record = entry.record
-        if isinstance(record, SessionRecord):
+    def touch_session(self, session_id: UUID, now: datetime) -> None:
+        key = (SESSION, session_id.int)
+        entry = self.live.get(key)
+        if entry is None:
+            self._touches.add(session_id, now, self.next_seq)
+        elif isinstance(record := entry.record, SessionRecord):  # (deleted: touching it changes nothing)
             if now > record.last_active:
                 record = record.model_copy(update={"last_active": now})
             self.mark(entry, key, record, None)
 
-    def delete(self, key: Key, entity_id: Any, entry: Entry | None) -> set[int]:
-        """A delete (admitted already) of an entity held as ``entry``; returns the panes it takes."""
+    def delete(self, key: Key, entity_id: Any) -> set[int]:
+        """A delete of an entity (``key`` is its :func:`~perth_pipeline.entries.ref`).
+
+        Returns the panes it takes with it (their pending scrollback is moot).
+        """
         kind, ident = key
+        self._counters["submitted"] += 1
+        entry = self.live.get(key)
+        if not self._admission.admit_delete(entry is not None):
+            return set()
         seq = self.next_seq()
         version = self._clock.next_unlocked()
         if entry is None:
@@ -147,7 +229,10 @@ class EntryTable:
             return set()
         self._admission.deleted(ident)
         route = (entry.tab_id, entry.session_id)
-        return self._routes.cascade(ident, kind, route, self._drop_child)
+        doomed = self._routes.cascade(ident, kind, route, self._drop_child)
+        if kind == SESSION:
+            self._touches.discard(ident)
+        return doomed
 
     def _tombstone(
         self,
@@ -207,6 +292,18 @@ class EntryTable:
             # re-created since: the lost delete still has to go before the new state
             entry.pending_delete = max(entry.pending_delete or 0, item.version)
         return self._dirty.redirty(item.ref, entry, item.seq)
+
+    def restore_touch(self, touch: Touch) -> int:
+        """A touch lost in delivery: pending again, or folded into the session held since."""
+        key = (SESSION, touch.session_id.int)
+        entry = self.live.get(key)
+        if entry is None:
+            return self._touches.restore(touch)
+        if isinstance(entry.record, SessionRecord) and touch.last_active > entry.record.last_active:
+            record = entry.record.model_copy(update={"last_active": touch.last_active})
+            self.mark(entry, key, record, None)  # held since: the record carries it now
+            return 1
+        return 0
 
     def confirm_delete(self, item: Item) -> None:
         """A delete committed: forgotten if it is still the latest state and nothing of it waits."""

@@ -5,14 +5,20 @@ Records are validated by pydantic when they are built, but ``model_copy(update=.
 A write call checks each field again (well under a microsecond for the common case), so that
 nothing invalid reaches the queue, where the workers would refuse it and the write would be
 lost. No I/O, no lock: the buffer calls these before it takes its own.
+
+:class:`Intake` is the buffer's side of it: a refused record is counted as invalid, then raised
+to the caller (nothing invalid is buffered, and the terminal learns why), and a JSON field is
+deep-copied on acceptance, so that what a write call accepted is what gets stored, whatever the
+caller does with its dict afterwards.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 from .errors import InvalidRecord
@@ -32,6 +38,7 @@ from .limits import (
 from .records import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord, TemplateRecord
 
 __all__ = [
+    "Intake",
     "copy_json",
     "verify_chunk",
     "verify_pane",
@@ -189,6 +196,60 @@ def copy_json(value: Any, field_name: str, budget: int) -> Any:
         if size > budget:
             raise InvalidRecord(field_name, f"is {size} bytes of JSON, over the limit of {budget}")
     return copied
+
+
+class Intake:
+    """A write call's checks and copies, in the caller's thread, before the buffer takes its lock.
+
+    ``count_invalid`` is the buffer's (it takes the buffer's lock for the count); the bounds are
+    the buffer's, fixed when it is made.
+    """
+
+    def __init__(
+        self, *, max_json_bytes: int, max_chunk_bytes: int, count_invalid: Callable[[], None]
+    ) -> None:
+        self._max_json_bytes = max_json_bytes
+        self._max_chunk_bytes = max_chunk_bytes
+        self._count_invalid = count_invalid
+
+    def refuse_type(self, record: Any, expected: type, what: str) -> NoReturn:
+        self._count_invalid()
+        raise InvalidRecord(what, f"expected a {expected.__name__}, got {type(record).__name__}")
+
+    def accept(self, record: Any, expected: type, what: str, verify: Callable[[Any], None]) -> None:
+        """Refuse (counted, raised) a record of another type than ``expected``, or failing ``verify``."""
+        if type(record) is not expected:
+            self.refuse_type(record, expected, what)
+        try:
+            verify(record)
+        except InvalidRecord:
+            self._count_invalid()
+            raise
+
+    def accept_chunk(self, chunk: Any) -> int:
+        """:meth:`accept` of a scrollback chunk (inlined: a hot path), bounded in bytes: its size."""
+        if type(chunk) is not PaneHistoryChunk:
+            self.refuse_type(chunk, PaneHistoryChunk, "chunk")
+        try:
+            verify_chunk(chunk)
+        except InvalidRecord:
+            self._count_invalid()
+            raise
+        size = len(chunk.content)
+        if size > self._max_chunk_bytes:
+            self._count_invalid()
+            raise InvalidRecord(
+                "content", f"chunk of {size} bytes is over the limit of {self._max_chunk_bytes}"
+            )
+        return size
+
+    def copy(self, value: Any, field_name: str) -> Any:
+        """The deep copy of a record's JSON field that the buffer stores (refused: counted, raised)."""
+        try:
+            return copy_json(value, field_name, self._max_json_bytes)
+        except InvalidRecord:
+            self._count_invalid()
+            raise
 
 
 class _JsonCopier:
