@@ -6,7 +6,7 @@ the scrollback chunks waiting to be sent. Write calls run in the terminal's
 threads and only touch dicts under one short lock; the flusher thread drains
 dirty state from here and gives back what it could not deliver.
 
-Rules kept here (DESIGN.md, rule 2 and 3):
+Rules kept here (docs/design.md, rules 2 and 3):
 
 * Repeated upserts of one key between two drains become one operation (the
   latest, sent whole); a delete supersedes earlier upserts of the same key and of
