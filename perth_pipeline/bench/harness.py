@@ -27,6 +27,7 @@ from perth_pipeline import PaneHistoryChunk, PaneRecord
 from perth_pipeline.settings import Settings
 
 from .backends import bench_database
+from .drain import run_drain
 from .freshness import freshness_updates, run_freshness
 from .latency import CONDITIONS, LatencyConfig, run_latency
 from .report import evaluate
@@ -36,7 +37,7 @@ from .workload import Tree, build_tree, scrollback, title_updates
 
 __all__ = ["CASES", "QUICK", "Sizes", "run_bench"]
 
-CASES = ("latency", "end-to-end", "hot-key", "ceiling", "naive", "freshness", "restore")
+CASES = ("latency", "end-to-end", "workers-only", "hot-key", "ceiling", "naive", "freshness", "restore")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +201,10 @@ def _run_database_cases(
         for workers in sizes.workers:
             progress(f"end to end: {w.tree.rows:,} rows, {workers} worker process(es)")
             throughput[f"end_to_end_{workers}"] = run_end_to_end(base, w.tree, workers, log_dir)
+    if "workers-only" in cases:
+        for workers in sizes.workers:
+            progress(f"workers only: {w.tree.rows:,} rows queued beforehand, {workers} worker process(es)")
+            throughput[f"drain_{workers}"] = run_drain(base, w.tree, workers, log_dir)
     if "ceiling" in cases:
         progress(f"ceiling: {len(w.tree.panes):,} pane rows, COPY + one merge, one connection")
         throughput["ceiling"] = run_ceiling(base.database_url or "", w.tree)

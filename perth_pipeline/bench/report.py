@@ -42,13 +42,13 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
         targets[f"call_max_us.{name}"] = _target(calls["max"], CALL_MAX_US)
         targets[f"gil_wait_max_us.{name}"] = _target(gil["max"], GIL_WAIT_MAX_US)
     throughput = result.get("throughput", {})
+    for key, run in throughput.items():
+        if key.startswith(("end_to_end_", "drain_")) and "ceiling" in throughput:
+            run["share_of_ceiling"] = ratio(run["rows_per_s"], throughput["ceiling"]["rows_per_s"])
+        if key.startswith("end_to_end_") and "naive" in throughput:
+            run["times_naive"] = ratio(run["rows_per_s"], throughput["naive"]["ops_per_s"])
     best = _best_end_to_end(throughput)
     if best is not None:
-        for key, run in throughput.items():
-            if key.startswith("end_to_end_") and "ceiling" in throughput:
-                run["share_of_ceiling"] = ratio(run["rows_per_s"], throughput["ceiling"]["rows_per_s"])
-            if key.startswith("end_to_end_") and "naive" in throughput:
-                run["times_naive"] = ratio(run["rows_per_s"], throughput["naive"]["ops_per_s"])
         if "ceiling" in throughput:
             targets["end_to_end_share_of_ceiling"] = _target(
                 best.get("share_of_ceiling"), CEILING_SHARE, at_least=True
@@ -157,6 +157,19 @@ def _throughput_lines(result: dict[str, Any], targets: dict[str, Any]) -> list[s
             f"   {'end to end, ' + str(run['workers']) + ' worker process(es)':<44}{run['rows']:>9,}"
             f"{run['seconds']:>9.2f}{run['rows_per_s']:>10,.0f}"
             f"{_pct(run.get('share_of_ceiling')):>12}{_x(run.get('times_naive')):>10}"
+        )
+    for key, run in t.items():
+        if not key.startswith("drain_"):
+            continue
+        lines.append(
+            f"   {'workers only, ' + str(run['workers']) + ' worker process(es), queue filled':<44}"
+            f"{run['rows']:>9,}{run['seconds']:>9.2f}{run['rows_per_s']:>10,.0f}"
+            f"{_pct(run.get('share_of_ceiling')):>12}"
+        )
+        lines.append(
+            f"      {run['rows_per_s_per_worker']:,.0f} rows/s per worker process; CPU per row: worker "
+            f"{_us(run.get('worker_cpu_us_per_row'))}, "
+            f"its PostgreSQL backend {_us(run.get('backend_cpu_us_per_row'))}"
         )
     if "ceiling" in t:
         c = t["ceiling"]

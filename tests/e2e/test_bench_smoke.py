@@ -59,7 +59,16 @@ def test_quick_bench_reports_every_case(backends: tuple[str | None, str | None],
     env["PERTH_DATA_DIR"] = str(tmp_path / "data")
     data = _bench(env)
 
-    assert data["cases"] == ["latency", "end-to-end", "hot-key", "ceiling", "naive", "freshness", "restore"]
+    assert data["cases"] == [
+        "latency",
+        "end-to-end",
+        "workers-only",
+        "hot-key",
+        "ceiling",
+        "naive",
+        "freshness",
+        "restore",
+    ]
     latency = data["latency"]
     calls = data["sizes"]["calls"]
     for name in CONDITIONS:
@@ -80,6 +89,12 @@ def test_quick_bench_reports_every_case(backends: tuple[str | None, str | None],
         assert run["rows"] == rows and run["rows_per_s"] > 0
         assert run["share_of_ceiling"] > 0 and run["times_naive"] > 0
         assert run["stats"]["enqueued_ops"] >= rows
+        drained = t[f"drain_{workers}"]
+        assert drained["rows"] == rows and drained["jobs"] >= 1 and drained["rows_per_s"] > 0
+        assert drained["rows_per_s_per_worker"] * workers == pytest.approx(drained["rows_per_s"], rel=0.01)
+        # CPU is counted in clock ticks (10 ms): a quick run's figures are coarse, but they are there
+        assert drained["worker_cpu_us_per_row"] is not None and drained["worker_cpu_us_per_row"] >= 0
+        assert drained["backend_cpu_us_per_row"] is not None and drained["backend_cpu_us_per_row"] >= 0
     assert t["ceiling"]["rows"] == data["sizes"]["panes"] and t["ceiling"]["rows_per_s"] > 0
     assert t["naive"]["ops"] == data["sizes"]["naive_sample"] and t["naive"]["ops_per_s"] > 0
     hot = t["hot_key"]
