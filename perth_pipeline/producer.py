@@ -234,9 +234,12 @@ class PersistenceManager:
         self._closed = True
         _managers.discard(self)
         if not self._flusher.stop(timeout):
-            # still blocked on a backend: it is a daemon thread and the process may exit; the
-            # clients it uses are left to it (closing them here could wait on its lock)
-            logger.warning("flusher did not finish within %.1f s; unsent state is dropped", timeout)
+            # still running (blocked on a backend, or not yet woken when the timeout is 0): it is a
+            # daemon thread and the process may exit; the clients it uses are left to it (closing
+            # them here could wait on its lock). Only unsent writes are worth a warning.
+            unsent = self.buffer.gauges()
+            if unsent["dirty"] or unsent["pending_history_chunks"] or self._tracker.gauges()[1]:
+                logger.warning("flusher did not finish within %.1f s; unsent state is dropped", timeout)
             return
         if self._store is not None:
             self._store.close()

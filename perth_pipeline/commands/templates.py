@@ -19,6 +19,7 @@ from ..errors import InvalidRecord, NotFound, PersistenceError
 from ..layout import LayoutError, definition_to_kdl
 from ..masking import mask_url
 from ..producer import PersistenceManager
+from ..reader import Reader
 from ..records import TemplateRecord
 from ..settings import Settings
 from ..templates import load_definition
@@ -29,11 +30,12 @@ __all__ = ["templates_command"]
 _WAIT_HELP = "Seconds to wait until a worker has applied the change."
 
 
-def _reader(ctx: click.Context) -> PersistenceManager:
+def _reader(ctx: click.Context) -> Reader:
+    """Reads only: no producer, no flusher thread (templates wait for no queue)."""
     settings: Settings = ctx.obj.backends(ctx)
-    manager = PersistenceManager(settings=settings, start=False)
-    ctx.call_on_close(lambda: manager.close(timeout=0))
-    return manager
+    reader = Reader(settings.with_urls(None, settings.database_url))
+    ctx.call_on_close(reader.close)
+    return reader
 
 
 def _commit(manager: PersistenceManager, what: str, wait: float) -> None:
@@ -64,9 +66,9 @@ def templates_command() -> None:
 @click.pass_context
 def list_templates(ctx: click.Context, as_json: bool) -> None:
     """List stored templates by name."""
-    manager = _reader(ctx)
+    reader = _reader(ctx)
     try:
-        templates = manager.list_templates()
+        templates = reader.list_templates()
     except PersistenceError as exc:
         fail(str(exc))
     if as_json:
@@ -87,9 +89,9 @@ def list_templates(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_template(ctx: click.Context, name: str, fmt: str) -> None:
     """Print a template: its JSON record, or its definition as a zellij layout."""
-    manager = _reader(ctx)
+    reader = _reader(ctx)
     try:
-        template = manager.get_template(name)
+        template = reader.get_template(name)
     except NotFound:
         fail(f"template {name!r} is not stored (or was deleted)")
     except PersistenceError as exc:
@@ -124,7 +126,7 @@ def save_template(ctx: click.Context, name: str, file: str, fmt: str, wait: floa
     except (LayoutError, ValueError) as exc:
         fail(f"{file}: {exc}", code=2)
     settings: Settings = ctx.obj.backends(ctx)
-    manager = PersistenceManager(settings=settings)
+    manager = PersistenceManager(settings=settings, start=False)  # its flusher starts once there is a write
     try:
         # keep the id of the template being replaced; reading it also moves this writer's clock past it
         template_id = manager.get_template(name).id
@@ -134,6 +136,7 @@ def save_template(ctx: click.Context, name: str, file: str, fmt: str, wait: floa
         manager.close(timeout=0)
         fail(str(exc))
     try:
+        manager.start()
         manager.save_template(TemplateRecord(id=template_id, name=name, definition=definition))
     except (ValidationError, InvalidRecord) as exc:
         manager.close(timeout=0)
@@ -149,9 +152,10 @@ def save_template(ctx: click.Context, name: str, file: str, fmt: str, wait: floa
 def delete_template(ctx: click.Context, name: str, wait: float) -> None:
     """Delete template NAME."""
     settings: Settings = ctx.obj.backends(ctx)
-    manager = PersistenceManager(settings=settings)
+    manager = PersistenceManager(settings=settings, start=False)  # its flusher starts once there is a write
     try:
-        manager.get_template(name)
+        manager.get_template(name)  # also moves this writer's clock past the stored version
+        manager.start()
         manager.delete_template(name)
     except NotFound:
         manager.close(timeout=0)

@@ -222,3 +222,11 @@ def test_jsonb_columns_use_lz4_where_the_server_has_it(
         "SELECT pg_column_compression(definition) FROM templates WHERE name = 'big'"
     ).fetchone()
     assert stored == ("lz4",)
+
+
+@pytest.mark.parametrize("args", [["delete", "nosuch"], ["show", "nosuch"]])
+def test_a_missing_template_is_one_line_with_no_false_warning(settings: Settings, args: list[str]) -> None:
+    result = cli(settings, *args)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == "error: template 'nosuch' is not stored (or was deleted)"
+    assert "flusher" not in result.stderr and "WARNING" not in result.stderr

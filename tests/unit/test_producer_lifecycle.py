@@ -201,3 +201,13 @@ def test_an_unclosed_manager_does_not_keep_the_process_alive_when_redis_is_stuck
     # interpreter start-up and imports, plus the atexit hook's 2 s bound; nowhere near the 30 s
     # that the flusher stays blocked on the stuck socket
     assert took < 20, took
+
+
+@pytest.mark.parametrize("started", [True, False], ids=["running", "never-started"])
+def test_closing_with_nothing_buffered_warns_of_nothing(
+    started: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = PersistenceManager(settings=settings(), redis_client=fakeredis.FakeRedis(), start=started)
+    with caplog.at_level("WARNING", logger="perth_pipeline"):
+        manager.close(timeout=0)  # the flusher has no time to finish, and nothing to send
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
