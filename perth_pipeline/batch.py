@@ -29,6 +29,7 @@ import base64
 import time
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -39,7 +40,7 @@ import zstandard
 from rq.job import Job
 
 from . import rqcompat, wire
-from .buffer import PANE, SESSION, TAB, Chunk, Drained, Item, Touch
+from .buffer import PANE, SESSION, TAB, TEMPLATE, Chunk, Drained, Item, Touch
 from .limits import compact_json
 from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
 from .units import plural
@@ -253,7 +254,8 @@ class _Batches:
                 [i.seq for i in batch.items] + [t.seq for t in batch.touches] + [c.seq for c in batch.chunks]
             )
             batch.min_seq, batch.max_seq = min(seqs), max(seqs)
-            batch.description = describe(batch.ops, batch.sessions, len(batch.chunks))
+            templates = sum(1 for item in batch.items if item.kind == TEMPLATE)
+            batch.description = describe(batch.ops, batch.sessions, len(batch.chunks), templates)
             self.done.append(batch)
             self.pacer.pause_if_due()
         self._start()
@@ -311,9 +313,21 @@ class PackedJob(Job):
         return obj
 
 
-def describe(ops: int, sessions: list[UUID], chunks: int = 0) -> str:
-    """What the dashboard shows for a batch: counts and ids only, never the user's data."""
-    shown = ", ".join(str(s)[:8] for s in sessions[:3])
-    more = f" +{len(sessions) - 3}" if len(sessions) > 3 else ""
-    history = f", {plural(chunks, 'scrollback chunk')}" if chunks else ""
-    return f"apply_batch: {plural(ops, 'op')}{history} for {plural(len(sessions), 'session')} [{shown}{more}]"
+def describe(ops: int, sessions: Sequence[UUID | str], chunks: int = 0, templates: int = 0) -> str:
+    """What the dashboard shows for a batch: counts and ids only, never the user's data.
+
+    ``apply_batch: 18 ops, 3 scrollback chunks for 2 sessions [5e551011, 9c0d3f1a]``; template
+    operations, which belong to no session, are counted on their own (``apply_batch: 1 template op``).
+    """
+    parts = []
+    session_ops = ops - templates
+    if session_ops or not templates:
+        shown = ", ".join(str(s)[:8] for s in sessions[:3])
+        more = f" +{len(sessions) - 3}" if len(sessions) > 3 else ""
+        history = f", {plural(chunks, 'scrollback chunk')}" if chunks else ""
+        parts.append(
+            f"{plural(session_ops, 'op')}{history} for {plural(len(sessions), 'session')} [{shown}{more}]"
+        )
+    if templates:
+        parts.append(plural(templates, "template op"))
+    return "apply_batch: " + " and ".join(parts)

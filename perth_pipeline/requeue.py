@@ -122,8 +122,10 @@ class _Requeuer:
         job.data = wire.apply_batch_data(
             json.dumps({**payload, "ops": keep}, separators=(",", ":"), ensure_ascii=False)
         )
-        chunks = sum(1 for op in keep if isinstance(op, dict) and op.get("op") == wire.HISTORY_APPEND)
-        job.description = describe(len(keep), sessions, chunks)  # type: ignore[arg-type]
+        kinds = [op.get("op") if isinstance(op, dict) else None for op in keep]
+        chunks = kinds.count(wire.HISTORY_APPEND)
+        templates = kinds.count(wire.TEMPLATE_UPSERT) + kinds.count(wire.TEMPLATE_DELETE)
+        job.description = describe(len(keep), sessions, chunks, templates)
         job.retries_left = len(s.retry_intervals)
         job.retry_intervals = list(s.retry_intervals)
         job.number_of_retries = 0

@@ -31,6 +31,7 @@ from .broker import LIVE_STATUSES, Keys, make_queue
 from .masking import masked_logger
 from .retention import MIN_JOB_RETENTION
 from .settings import Settings
+from .units import format_duration
 
 __all__ = ["CLEANUP_FUNCTION", "Scheduler"]
 
@@ -140,7 +141,7 @@ class Scheduler:
             job_timeout=self.job_timeout,
             result_ttl=max(self.settings.result_ttl, int(self.every) + 60),
             failure_ttl=self.settings.failed_ttl,
-            description=f"cleanup: sessions inactive for more than {self.older_than:g} s",
+            description=f"cleanup: sessions inactive for more than {format_duration(self.older_than)}",
         )
         self.redis.set(self.last_key, job.id, px=keep_ms)
         logger.info("enqueued cleanup job %s", job.id, extra={"job_id": job.id, **self.options()})

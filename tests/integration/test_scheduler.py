@@ -56,6 +56,13 @@ def test_one_scheduler_is_active_and_enqueues_a_json_cleanup_job(
     assert payload == [CLEANUP_FUNCTION, None, [{"older_than": 30 * DAY}], {}]
 
 
+def test_the_cleanup_job_is_described_in_days_not_seconds(settings: Settings, rconn: redis.Redis) -> None:
+    job_id = _scheduler(settings, rconn).tick()
+    assert job_id is not None
+    job = Job.fetch(job_id, connection=rconn, serializer=JSONSerializer)
+    assert job.description == "cleanup: sessions inactive for more than 30d"
+
+
 def test_a_takeover_keeps_the_schedule(settings: Settings, rconn: redis.Redis) -> None:
     first, second = _scheduler(settings, rconn), _scheduler(settings, rconn)
     start = time.time()

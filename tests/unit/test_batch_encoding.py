@@ -187,3 +187,21 @@ def test_the_description_counts_in_words_and_shows_no_data() -> None:
     many = describe(900, [one, two, three, four], chunks=3)
     assert many.startswith("apply_batch: 900 ops, 3 scrollback chunks for 4 sessions [")
     assert many.endswith(" +1]") and str(four)[:8] not in many
+
+
+def test_template_operations_are_described_as_such_not_as_ops_for_no_session() -> None:
+    one = uuid.UUID(int=1 << 96)
+    assert describe(1, [], templates=1) == "apply_batch: 1 template op"
+    assert (
+        describe(3, [one], templates=2)
+        == f"apply_batch: 1 op for 1 session [{str(one)[:8]}] and 2 template ops"
+    )
+    b = make_buffer()
+    b.put_template(TemplateRecord(id=uuid.uuid4(), name="dev", definition={"tabs": []}))
+    (batch,) = encode_batches(b.drain(100), origin="p1-test", max_ops=100, max_bytes=1 << 20)
+    assert batch.description == "apply_batch: 1 template op"
+    b.delete(TEMPLATE, "dev")
+    s = SessionRecord(id=one, name="work", created_at=datetime.now(UTC), last_active=datetime.now(UTC))
+    b.put_session(s)
+    (batch,) = encode_batches(b.drain(100), origin="p1-test", max_ops=100, max_bytes=1 << 20)
+    assert batch.description == f"apply_batch: 1 op for 1 session [{str(one)[:8]}] and 1 template op"
