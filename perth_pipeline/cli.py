@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import uuid
@@ -11,43 +10,12 @@ from typing import ClassVar
 
 import click
 
-from .commands.common import CliState, fail, init_schema, parse_session_id
-from .errors import InvalidSetting, NotFound, PersistenceError
+from .commands.common import CliState, fail, init_schema
+from .errors import InvalidSetting
 from .logs import configure_logging
 from .settings import Settings
 
 __all__ = ["CliState", "cli", "fail", "init_schema", "main"]
-
-
-def _restore(ctx: click.Context, session_id: str, fmt: str, with_history: Path | None, wait: float) -> None:
-    state: CliState = ctx.obj
-    sid = parse_session_id(session_id)
-    settings = state.backends(ctx)
-    from .reader import Reader
-    from .snapshot import session_document
-
-    reader = Reader(settings)  # no producer: nothing to write, no flusher thread
-    try:
-        document = session_document(reader, sid, wait=wait, with_history=with_history is not None)
-    except NotFound:
-        fail(f"session {sid} is not stored (or was deleted)")
-    except PersistenceError as exc:
-        fail(str(exc))
-    finally:
-        reader.close()
-    if with_history is not None:
-        with_history.mkdir(parents=True, exist_ok=True)
-        for tab in document["tabs"]:
-            for pane in tab["panes"]:
-                path = with_history / f"{pane['id']}.log"
-                path.write_bytes(pane.pop("history"))
-                pane["history_file"] = str(path)
-    if fmt == "kdl":
-        from .layout import to_kdl
-
-        click.echo(to_kdl(document))
-    else:
-        click.echo(json.dumps(document, indent=2))
 
 
 class _LazyGroup(click.Group):
@@ -65,10 +33,20 @@ class _LazyGroup(click.Group):
             "cleanup_command",
             "Remove old sessions and tombstones.",
         ),
+        "restore": (
+            "perth_pipeline.commands.sessions",
+            "restore_command",
+            "Print a stored session (by id, name or id prefix).",
+        ),
         "scheduler": (
             "perth_pipeline.commands.scheduler",
             "scheduler_command",
             "Enqueue periodic jobs (cleanup).",
+        ),
+        "sessions": (
+            "perth_pipeline.commands.sessions",
+            "sessions_command",
+            "List stored sessions; show one.",
         ),
         "templates": (
             "perth_pipeline.commands.templates",
@@ -113,8 +91,8 @@ class _LazyGroup(click.Group):
 @click.option(
     "--restore-from-db",
     "restore_from_db",
-    metavar="SESSION_ID",
-    help="Print a stored session (the same as `restore SESSION_ID`).",
+    metavar="SESSION",
+    help="Print a stored session (the same as `restore SESSION`: an id, a name or an id prefix).",
 )
 @click.option(
     "--log-level",
@@ -146,7 +124,9 @@ def cli(ctx: click.Context, restore_from_db: str | None, log_level: str, log_for
     if restore_from_db is not None:
         if ctx.invoked_subcommand is not None:
             fail("--restore-from-db cannot be combined with a command", code=2)
-        _restore(ctx, restore_from_db, "json", None, ctx.obj.settings.read_wait)
+        from .commands.sessions import run_restore
+
+        run_restore(ctx, restore_from_db, "json", None, ctx.obj.settings.read_wait)
         return
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
@@ -203,48 +183,6 @@ def worker(
         "PERTH_QUEUE": settings.queue,
     }
     sys.exit(Supervisor(processes, burst=burst, env=env).run())
-
-
-@cli.command()
-@click.argument("session_id")
-@click.option("--format", "fmt", type=click.Choice(["json", "kdl"]), default="json", show_default=True)
-@click.option(
-    "--with-history",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Also write each pane's scrollback to a file in this directory.",
-)
-@click.option("--wait", type=float, default=None, help="Seconds to wait for the session's queued batches.")
-@click.pass_context
-def restore(
-    ctx: click.Context, session_id: str, fmt: str, with_history: Path | None, wait: float | None
-) -> None:
-    """Print a stored session with its tabs and panes."""
-    _restore(ctx, session_id, fmt, with_history, ctx.obj.settings.read_wait if wait is None else wait)
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def sessions(ctx: click.Context, as_json: bool) -> None:
-    """List stored sessions, most recently active first."""
-    settings = ctx.obj.backends(ctx)
-    from .reader import Reader
-
-    reader = Reader(settings.with_urls(None, settings.database_url))  # a list waits for no queue
-    try:
-        records = reader.list_sessions()
-    except PersistenceError as exc:
-        fail(str(exc))
-    finally:
-        reader.close()
-    if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
-        return
-    if not records:
-        click.echo("no stored sessions")
-    for record in records:
-        click.echo(f"{record.id}  {record.last_active:%Y-%m-%d %H:%M:%S}  {record.name}")
 
 
 @cli.command()

@@ -8,7 +8,10 @@ working.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "Ambiguous",
     "DatabaseError",
     "DatabaseUnavailable",
     "InvalidRecord",
@@ -38,6 +41,14 @@ class InvalidSetting(PersistenceError, ValueError):
 
 class NotFound(PersistenceError, LookupError):
     """A read asked for something that is not stored (or was deleted)."""
+
+
+class Ambiguous(PersistenceError, LookupError):
+    """A name or id prefix matches more than one stored thing; ``candidates`` are the matches."""
+
+    def __init__(self, message: str, candidates: list[Any]) -> None:
+        self.candidates = candidates
+        super().__init__(message)
 
 
 class QueueUnavailable(PersistenceError, ConnectionError):

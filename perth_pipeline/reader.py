@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterable
 from types import TracebackType
@@ -32,11 +33,11 @@ import redis
 from rq.job import Job
 
 from .broker import LIVE_STATUSES, Keys, make_redis
-from .errors import DatabaseUnavailable, InvalidRecord, NotFound
+from .errors import Ambiguous, DatabaseUnavailable, InvalidRecord, NotFound
 from .masking import masked_logger
 from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 from .settings import Settings
-from .store import Store
+from .store import SessionSummary, Store
 
 if TYPE_CHECKING:
     from .buffer import Buffer
@@ -46,6 +47,8 @@ __all__ = ["Reader", "as_uuid"]
 logger = masked_logger("perth_pipeline.producer")
 
 R = TypeVar("R")
+
+_ID_PREFIX = re.compile(r"^[0-9a-f][0-9a-f-]{0,35}$")
 
 
 def as_uuid(value: Any, field_name: str) -> UUID:
@@ -232,6 +235,33 @@ class Reader:
 
     def list_sessions(self) -> list[SessionRecord]:
         return self._observed(self._reads().sessions())
+
+    def session_summaries(self) -> list[SessionSummary]:
+        """Every stored session, most recently active first, with its tabs and panes counted."""
+        return self._observed(self._reads().session_summaries())
+
+    def find_session(self, ref: str) -> SessionRecord:
+        """The one session ``ref`` names: its id, its name, or a prefix of its id.
+
+        ``NotFound`` if none matches; :class:`~perth_pipeline.errors.Ambiguous` (with the
+        candidates, most recently active first) if several do: two sessions of that name, an id
+        prefix shared, or a name that is also the start of another session's id.
+        """
+        text = ref.strip()
+        try:
+            whole = UUID(text)
+        except ValueError:
+            pass
+        else:  # a whole id: that session or none
+            return self._found(self._reads().session(whole), f"session {whole}")
+        lowered = text.lower()
+        prefix = lowered if _ID_PREFIX.match(lowered) else None
+        found = self._observed(self._reads().find_sessions(text, prefix))
+        if not found:
+            raise NotFound(f"no stored session is named {ref!r} or has an id starting with it")
+        if len(found) > 1:
+            raise Ambiguous(f"{ref!r} matches more than one session", found)
+        return found[0]
 
     def get_template(self, name: str) -> TemplateRecord:
         return self._found(self._reads().template(name), f"template {name!r}")

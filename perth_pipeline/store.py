@@ -24,7 +24,7 @@ from .operations import inflate_chunk
 from .queries import load_queries, schema_sql
 from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
 
-__all__ = ["Routes", "Store", "connect", "wrap_errors"]
+__all__ = ["Routes", "SessionSummary", "Store", "connect", "wrap_errors"]
 
 logger = masked_logger("perth_pipeline.store")
 
@@ -234,6 +234,25 @@ class Store:
             out.append((SessionRecord.model_validate(row), version))
         return out
 
+    def session_summaries(self, limit: int = 10_000) -> list[tuple[SessionSummary, int]]:
+        """Every session (most recently active first) with the number of its tabs and panes."""
+        out = []
+        for row in self._all("session_summaries", limit=limit):
+            version, tabs, panes = row.pop("version"), row.pop("tab_count"), row.pop("pane_count")
+            out.append((SessionSummary(SessionRecord.model_validate(row), tabs, panes), version))
+        return out
+
+    def find_sessions(
+        self, name: str, id_prefix: str | None, limit: int = 20
+    ) -> list[tuple[SessionRecord, int]]:
+        """Sessions named ``name`` or whose id starts with ``id_prefix`` (lower-case hex and dashes)."""
+        prefix = None if id_prefix is None else id_prefix + "%"
+        out = []
+        for row in self._all("find_sessions", name=name, prefix=prefix, limit=limit):
+            version = row.pop("version")
+            out.append((SessionRecord.model_validate(row), version))
+        return out
+
     def template(self, name: str) -> tuple[TemplateRecord, int] | None:
         row = self._one("get_template", name=name)
         if row is None:
@@ -262,6 +281,14 @@ class Store:
         rows = self._all("pane_routes", ids=pane_ids) if pane_ids else []
         panes = {row["id"]: (row["tab_id"], row["session_id"]) for row in rows}
         return Routes(tabs, panes)
+
+
+class SessionSummary(NamedTuple):
+    """A session as ``perth-pipeline sessions`` lists it: the record, its tabs and panes counted."""
+
+    session: SessionRecord
+    tabs: int
+    panes: int
 
 
 class Routes(NamedTuple):

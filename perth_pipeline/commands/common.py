@@ -8,7 +8,6 @@ and an exit code.
 from __future__ import annotations
 
 import sys
-import uuid
 from typing import Any, NoReturn
 
 import click
@@ -16,19 +15,12 @@ import click
 from ..errors import PersistenceError
 from ..settings import Settings, parse_duration
 
-__all__ = ["CliState", "fail", "init_schema", "parse_session_id", "positive_duration"]
+__all__ = ["CliState", "fail", "init_schema", "positive_duration"]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
-
-
-def parse_session_id(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        fail(f"SESSION_ID {value!r} is not a UUID (expected e.g. 7f0c2d3e-...)", code=2)
 
 
 class CliState:

@@ -49,6 +49,25 @@ FROM sessions
 ORDER BY last_active DESC, id
 LIMIT %(limit)s;
 
+-- name: session_summaries
+-- The list of `perth-pipeline sessions`: each session with the tabs and panes a restore shows
+-- (a pane is reached through its stored tab, as restore_panes_of_session reaches it).
+SELECT s.id, s.name, s.template_name, s.created_at, s.last_active, s.version,
+       (SELECT count(*) FROM tabs t WHERE t.session_id = s.id) AS tab_count,
+       (SELECT count(*) FROM tabs t JOIN panes p ON p.tab_id = t.id WHERE t.session_id = s.id) AS pane_count
+FROM sessions s
+ORDER BY s.last_active DESC, s.id
+LIMIT %(limit)s;
+
+-- name: find_sessions
+-- The sessions a person may mean by a name or an id prefix (%(prefix)s: lower-case hex and
+-- dashes followed by %, or NULL when the text cannot begin an id).
+SELECT id, name, template_name, created_at, last_active, version
+FROM sessions
+WHERE name = %(name)s OR (%(prefix)s::text IS NOT NULL AND id::text LIKE %(prefix)s::text)
+ORDER BY last_active DESC, id
+LIMIT %(limit)s;
+
 -- name: get_template
 SELECT id, name, definition, version
 FROM templates

@@ -308,8 +308,11 @@ def test_restore_with_history_writes_each_panes_scrollback_to_a_file(
     _parse(result.stdout)  # still a layout: the files are on the side
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(files) == len(split_session["panes"])
+    positions: dict[Any, int] = {}  # the panes are listed tab by tab: editor (0), servers (1), scratch (2)
     for p in split_session["panes"]:
-        assert files[f"{p.id}.log"] == b"".join(split_session["history"].get(p.id, []))
+        position = positions.setdefault(p.tab_id, len(positions))
+        # named by the tab's position and the pane's own pane_id, not by the row's UUID
+        assert files[f"tab-{position}-{p.pane_id}.log"] == b"".join(split_session["history"].get(p.id, []))
 
 
 def test_an_absurdly_deep_layout_blob_is_cut_not_a_crash() -> None:

@@ -164,11 +164,11 @@ def test_restore_command_prints_the_session_as_json(settings: Settings, stored: 
     assert json.loads(same.stdout) == document
 
 
-def test_restore_command_refuses_a_malformed_id_with_one_line(settings: Settings) -> None:
+def test_restore_command_reads_what_is_no_id_as_a_name_and_says_so_in_one_line(settings: Settings) -> None:
     result = run_cli(settings, "restore", "not-a-uuid")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
-    assert "not a UUID" in result.stderr and "Traceback" not in result.stderr
+    assert "no stored session is named 'not-a-uuid'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_restore_command_reports_a_missing_session(settings: Settings) -> None:
