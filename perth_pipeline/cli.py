@@ -46,7 +46,7 @@ class _LazyGroup(click.Group):
         "sessions": (
             "perth_pipeline.commands.sessions",
             "sessions_command",
-            "List stored sessions; show one.",
+            "List stored sessions; show or delete one.",
         ),
         "templates": (
             "perth_pipeline.commands.templates",

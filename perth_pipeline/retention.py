@@ -1,7 +1,8 @@
 """Retention: sessions inactive for too long, old tombstones, and rows whose parent never arrived.
 
 ``perth-pipeline cleanup --older-than 30d`` and the scheduled cleanup job
-(``workers.maintenance.cleanup``) both run :func:`run_cleanup`.
+(``workers.maintenance.cleanup``) both run :func:`run_cleanup`; ``perth-pipeline sessions
+delete`` runs :func:`delete_sessions`, the same removal of sessions named by id.
 
 Removal is direct SQL (``sql/retention.sql``), not versioned deletes sent through
 the queue: it works with no worker running, reports exactly what it removed,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -31,7 +32,7 @@ from .masking import masked_logger
 from .queries import load_queries
 from .units import format_bytes, format_duration, plural
 
-__all__ = ["CleanupReport", "run_cleanup"]
+__all__ = ["CleanupReport", "delete_sessions", "run_cleanup"]
 
 logger = masked_logger("perth_pipeline.retention")
 
@@ -168,16 +169,41 @@ class _Cleanup:
             yield ids
             after = ids[-1]
 
-    def locked(self, name: str, ids: list[UUID], cutoff: datetime) -> dict[str, Any]:
+    def locked(self, name: str, ids: list[UUID], cutoff: datetime, floor: int = 0) -> dict[str, Any]:
         """``name`` in one transaction, under the sessions' advisory locks."""
 
         def step() -> dict[str, Any]:
             keys = sorted({lock_key(i) for i in ids})
             with self.conn.transaction():
                 self.conn.execute(self.q["lock_sessions"], {"keys": keys})
-                return self.one(name, ids=ids, cutoff=cutoff)
+                return self.one(name, ids=ids, cutoff=cutoff, floor=floor)
 
         return _retrying(name, step)
+
+
+_NEVER = datetime(9999, 12, 31, tzinfo=UTC)  # a cutoff every session is idle before
+
+
+def delete_sessions(conn: psycopg.Connection[Any], ids: list[UUID]) -> dict[str, Any]:
+    """Remove these sessions now, with their tabs, panes and scrollback; ``conn`` in autocommit mode.
+
+    The cleanup's removal (the workers' advisory locks, then a tombstone for each session), for
+    sessions named by id whatever their age. The tombstone's version is at least this host's
+    clock (``time.time_ns()``, as the producers' versions are): what was written before the
+    delete, even if it is still queued, stays dead; what a terminal writes afterwards brings
+    the session back, as it would after the terminal's own ``delete_session``. Returns what was
+    removed: ``sessions`` (``id``, ``name``, ``last_active``), ``tabs``, ``panes``,
+    ``history_chunks`` and ``history_bytes``.
+    """
+    if not ids:
+        return {"sessions": [], "tabs": 0, "panes": 0, "history_chunks": 0, "history_bytes": 0}
+    done = _Cleanup(conn, _CHUNK).locked("purge_sessions", sorted(ids), _NEVER, floor=time.time_ns())
+    done["history_bytes"] = int(done["history_bytes"])
+    if done["sessions"]:
+        logger.info(
+            "deleted %d sessions by request", len(done["sessions"]), extra={"sessions": len(done["sessions"])}
+        )
+    return done
 
 
 #: The shortest retention a queued cleanup job may ask for. Anyone who can write to Redis can

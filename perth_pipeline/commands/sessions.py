@@ -3,6 +3,11 @@
 A session is named on the command line by its id, its name, or the start of its id
 (``restore work``, ``restore 7f0c2d``). Several matches (two sessions named alike, a short
 prefix): exit 2 and the candidates listed; none: exit 1, one line.
+
+``sessions delete`` removes a session at once, by direct SQL under the workers' advisory
+locks, as ``cleanup`` does (:func:`perth_pipeline.retention.delete_sessions`): an operator
+deleting a session expects it gone when the command returns, with or without a worker
+running, and told what went with it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from uuid import UUID
 
 import click
 
-from ..errors import Ambiguous, NotFound, PersistenceError
+from ..errors import Ambiguous, DatabaseError, NotFound, PersistenceError
 from ..reader import Reader
 from ..records import SessionRecord
 from ..settings import Settings
-from ..units import plural
+from ..units import format_bytes, plural
 from .common import CliState, fail
 
 __all__ = ["restore_command", "run_restore", "sessions_command"]
@@ -188,7 +193,7 @@ _JSON_HELP = "Print JSON instead: one object per session, times in ISO-8601 UTC,
 @click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @click.pass_context
 def sessions_command(ctx: click.Context, as_json: bool) -> None:
-    """List stored sessions (most recently active first); show one.
+    """List stored sessions (most recently active first); show or delete one.
 
     Times are local, with their zone. A session is named by its id, its name, or the start
     of its id.
@@ -233,3 +238,49 @@ def show_session(ctx: click.Context, session: str, as_json: bool, wait: float | 
             extra = [f"cwd {pane['cwd']}" if pane.get("cwd") else "", pane.get("command") or ""]
             details = "  ".join(_printable(x) for x in extra if x)
             click.echo(f"    {_printable(pane['pane_id'])}  {pane['pane_type']}  {details}".rstrip())
+
+
+@sessions_command.command("delete")
+@click.argument("session", metavar=_REF)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (needed when stdin is not a terminal).")
+@click.pass_context
+def delete_session(ctx: click.Context, session: str, yes: bool) -> None:
+    """Delete one session now, with its tabs, panes and scrollback.
+
+    Works with no worker running, as `cleanup` does. A terminal still running the session
+    stores it again with its next write; writes made before the delete stay deleted.
+    """
+    from ..retention import delete_sessions
+    from ..store import connect, wrap_errors
+
+    settings: Settings = ctx.obj.backends(ctx)
+    reader = Reader(settings.with_urls(None, settings.database_url))
+    try:
+        record = _resolve(reader, session)
+    finally:
+        reader.close()
+    what = f"session {_printable(record.name)} ({record.id}, last active {local_time(record.last_active)})"
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"not deleting {what}: add --yes to delete without a prompt", code=2)
+        if not click.confirm(f"Delete {what}?", default=False):
+            fail("nothing deleted")
+    url = settings.database_url or ""
+    try:
+        with (
+            wrap_errors(url),
+            connect(
+                url, connect_timeout=settings.db_connect_timeout, statement_timeout=settings.statement_timeout
+            ) as conn,
+        ):
+            done = delete_sessions(conn, [record.id])
+    except DatabaseError as exc:
+        fail(f"delete stopped: {exc} (nothing was deleted)")
+    except PersistenceError as exc:
+        fail(str(exc))
+    if not done["sessions"]:
+        fail(f"session {record.id} is not stored any more (deleted meanwhile)")
+    click.echo(
+        f"deleted {what}: {plural(done['tabs'], 'tab')}, {plural(done['panes'], 'pane')}, "
+        f"{plural(done['history_chunks'], 'scrollback chunk')} ({format_bytes(done['history_bytes'])})"
+    )

@@ -34,12 +34,14 @@ WITH doomed AS (
     WHERE s.id = ANY(%(ids)s) AND a.active_at < %(cutoff)s
 ),
 marks AS (
-    SELECT d.id, greatest(
+    -- %(floor)s: 0 for the cleanup; for `sessions delete`, the deleting host's clock (a write made
+    -- before the delete and still queued stays dead too)
+    SELECT d.id, greatest(greatest(
         (SELECT max(version) FROM sessions x WHERE x.id = d.id),
         (SELECT max(version) FROM tabs x WHERE x.session_id = d.id),
         (SELECT max(version) FROM panes x WHERE x.session_id = d.id),
         (SELECT max(version) FROM pane_history x WHERE x.session_id = d.id)
-    ) + 1 AS version
+    ) + 1, %(floor)s::bigint) AS version
     FROM doomed d
 ),
 tombs AS (

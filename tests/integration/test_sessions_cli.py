@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 
 from perth_pipeline import PaneHistoryChunk, PersistenceManager, SessionRecord
 from perth_pipeline.settings import Settings
 
-from ..helpers import now, pane, run_cli, session, settle, tab
+from ..helpers import cli_env, drain, now, pane, run_cli, session, settle, tab, wait_for
 
 
 def _store(settings: Settings, *sessions: tuple[SessionRecord, int, int]) -> None:
@@ -65,7 +71,11 @@ def test_restore_show_and_restore_from_db_take_a_name_or_an_id_prefix(
 def test_an_ambiguous_name_exits_2_listing_the_candidates(
     settings: Settings, three: dict[str, SessionRecord]
 ) -> None:
-    for args in (["restore", "demo-0"], ["sessions", "show", "demo-0"]):
+    for args in (
+        ["restore", "demo-0"],
+        ["sessions", "show", "demo-0"],
+        ["sessions", "delete", "demo-0", "--yes"],
+    ):
         result = run_cli(settings, *args, env={"TZ": "UTC"})
         assert result.returncode == 2, (args, result.stderr)
         assert "matches more than one session" in result.stderr
@@ -86,7 +96,11 @@ def test_an_ambiguous_name_exits_2_listing_the_candidates(
 def test_a_name_or_prefix_that_matches_nothing_is_one_line_and_exit_1(
     settings: Settings, three: dict[str, SessionRecord]
 ) -> None:
-    for args in (["restore", "nosuch"], ["sessions", "show", "nosuch"]):
+    for args in (
+        ["restore", "nosuch"],
+        ["sessions", "show", "nosuch"],
+        ["sessions", "delete", "nosuch", "--yes"],
+    ):
         result = run_cli(settings, *args)
         assert result.returncode == 1, (args, result.stderr)
         assert result.stderr.strip().count("\n") == 0, result.stderr
@@ -135,6 +149,51 @@ def test_no_stored_sessions_is_said(settings: Settings) -> None:
     assert result.returncode == 0 and result.stdout.strip() == "no stored sessions"
 
 
+def test_sessions_delete_asks_for_yes_off_a_terminal_then_deletes_now(
+    settings: Settings, three: dict[str, SessionRecord], pg: psycopg.Connection[Any]
+) -> None:
+    work = three["work"]
+    refused = run_cli(settings, "sessions", "delete", "work")  # stdin is not a terminal
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr and refused.stderr.strip().count("\n") == 0
+    assert pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (work.id,)).fetchone() == (1,)
+
+    # no worker runs: the delete does not need one
+    done = run_cli(settings, "sessions", "delete", str(work.id)[:8], "--yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"deleted session work ({work.id}")
+    assert "2 tabs, 4 panes, 0 scrollback chunks" in done.stdout
+    assert pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (work.id,)).fetchone() == (0,)
+    assert pg.execute("SELECT count(*) FROM tabs WHERE session_id = %s", (work.id,)).fetchone() == (0,)
+    assert pg.execute("SELECT count(*) FROM panes WHERE session_id = %s", (work.id,)).fetchone() == (0,)
+    assert pg.execute("SELECT kind FROM tombstones WHERE id = %s", (work.id,)).fetchone() == ("session",)
+    assert run_cli(settings, "restore", "work").returncode == 1
+    # the others are untouched
+    assert pg.execute("SELECT count(*) FROM sessions").fetchone() == (2,)
+
+
+def test_a_write_queued_before_the_delete_stays_deleted_and_a_later_one_brings_it_back(
+    settings: Settings, pg: psycopg.Connection[Any]
+) -> None:
+    s = session("doomed")
+    t = tab(s.id, 0)
+    with PersistenceManager(settings=settings) as manager:
+        manager.create_session(s)
+        manager.create_tab(t)
+        settle(manager, settings)
+        sent = manager.stats()["enqueued_jobs"]
+        manager.update_tab(t.model_copy(update={"name": "renamed"}))
+        wait_for(lambda: manager.stats()["enqueued_jobs"] > sent, what="the update queued")
+        assert run_cli(settings, "sessions", "delete", "doomed", "--yes").returncode == 0
+        drain(settings)  # the worker applies the update made before the delete: it stays dead
+        assert pg.execute("SELECT count(*) FROM tabs WHERE id = %s", (t.id,)).fetchone() == (0,)
+        assert pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (s.id,)).fetchone() == (0,)
+        # the terminal still holding the session stores it again with its next write
+        manager.update_session(s.model_copy(update={"last_active": now()}))
+        settle(manager, settings)
+    assert pg.execute("SELECT name FROM sessions WHERE id = %s", (s.id,)).fetchone() == ("doomed",)
+
+
 def test_history_files_are_named_by_tab_position_and_pane_id(settings: Settings, tmp_path: Path) -> None:
     s = session("hist")
     t0, t1 = tab(s.id, 0), tab(s.id, 3)
@@ -169,3 +228,32 @@ def test_history_files_are_named_by_tab_position_and_pane_id(settings: Settings,
         written = Path(by_id[str(p.id)]["history_file"])
         assert written.parent == out
         assert written.read_bytes() == b"x" * (n + 1)
+
+
+@pytest.mark.parametrize(("answer", "deleted"), [("n", False), ("y", True)])
+def test_sessions_delete_on_a_terminal_asks_first(
+    settings: Settings, pg: psycopg.Connection[Any], answer: str, deleted: bool
+) -> None:
+    s = session("asked")
+    _store(settings, (s, 1, 1))
+    leader, follower = pty.openpty()
+    try:
+        os.write(leader, f"{answer}\n".encode())
+        result = subprocess.run(
+            [sys.executable, "-m", "perth_pipeline.cli", "sessions", "delete", "asked"],
+            env=cli_env(settings),
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert f"Delete session asked ({s.id}" in result.stdout, result.stdout
+    assert result.returncode == (0 if deleted else 1), result.stderr
+    stored = pg.execute("SELECT count(*) FROM sessions WHERE id = %s", (s.id,)).fetchone()
+    assert stored == ((0,) if deleted else (1,))
+    if not deleted:
+        assert result.stderr.strip() == "error: nothing deleted"
