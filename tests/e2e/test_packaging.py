@@ -1,4 +1,4 @@
-"""What a non-editable install carries: the schema, the SQL, the Procfile; only our two packages."""
+"""What a non-editable install carries: schema, SQL, Procfile, the Lua script; only our two packages."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def test_the_wheel_carries_schema_sql_and_every_file_the_commands_read(tmp_path:
         # schema.sql lives at the repository root: it is force-included into the package
         assert archive.read("perth_pipeline/schema.sql") == (ROOT / "schema.sql").read_bytes()
         assert archive.read("perth_pipeline/Procfile") == (ROOT / "Procfile").read_bytes()
+        # the enqueue script that producers in other languages run (docs/protocol.md)
+        lua = ROOT / "perth_pipeline" / "lua" / "enqueue.lua"
+        assert archive.read("perth_pipeline/lua/enqueue.lua") == lua.read_bytes()
     for sql in (ROOT / "perth_pipeline" / "sql").glob("*.sql"):
         assert f"perth_pipeline/sql/{sql.name}" in names
     assert "perth_pipeline/batch.schema.json" in names
