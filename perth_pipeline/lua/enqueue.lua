@@ -10,7 +10,8 @@
 -- KEYS[1]     rq:queue:<queue>                          the queue (a list of job ids)
 -- KEYS[2]     rq:job:<job id>                           the job hash
 -- KEYS[3]     rq:queues                                 the set of queue keys RQ's workers list
--- KEYS[4..n]  perth:<queue>:outstanding:<session id>    one per session the batch touches
+-- KEYS[4..n]  perth:<queue>:outstanding:<session id>    one per session the batch touches (none for a
+--                                                       batch of templates only)
 --
 -- ARGV[1]  job id: the batch's "id" (a lowercase UUID, as the batch JSON has it)
 -- ARGV[2]  queue name (the job's origin)
@@ -71,7 +72,6 @@ end
 if KEYS[1] ~= 'rq:queue:' .. queue then return fail('KEYS[1] must be rq:queue:<ARGV[2]>') end
 if KEYS[2] ~= 'rq:job:' .. job_id then return fail('KEYS[2] must be rq:job:<ARGV[1]>') end
 if KEYS[3] ~= 'rq:queues' then return fail('KEYS[3] must be rq:queues') end
-if #KEYS < 4 then return fail('KEYS[4..] must name the outstanding set of each session of the batch') end
 local prefix = 'perth:' .. queue .. ':outstanding:'
 for i = 4, #KEYS do
     local key = KEYS[i]

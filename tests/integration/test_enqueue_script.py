@@ -17,7 +17,7 @@ import pytest
 import redis
 from rq.registry import FinishedJobRegistry
 
-from perth_pipeline import PersistenceManager
+from perth_pipeline import PersistenceManager, TemplateRecord
 from perth_pipeline.broker import Keys, make_queue
 from perth_pipeline.protocol import enqueue_args, enqueue_keys, run_enqueue
 from perth_pipeline.settings import Settings
@@ -140,6 +140,22 @@ def test_the_script_enqueues_a_job_once_and_its_data_may_be_uncompressed(
         assert manager.restore_session(s.id, wait=0) == s
 
 
+def test_a_batch_of_templates_only_touches_no_session(settings: Settings, rconn: redis.Redis) -> None:
+    template = TemplateRecord(id=uuid.uuid4(), name="dev", definition={"tabs": [{"name": "editor"}]})
+    job_id = str(uuid.uuid4())
+    op = {"op": "template.upsert", "version": 1, "record": template.model_dump(mode="json")}
+    created = "2026-01-01T00:00:00Z"
+    batch = {"format": 2, "id": job_id, "origin": "lua-test", "created_at": created, "ops": [op]}
+    data = zlib.compress(json.dumps(["workers.jobs.apply_batch", None, [batch], {}]).encode())
+    keys = enqueue_keys(settings.queue, job_id, [])
+    assert len(keys) == 3
+    assert run_enqueue(rconn, keys, _script_args(settings, job_id, data, "templates")) == 1
+    assert drain(settings)
+    assert _job_hash(rconn, job_id)["status"] == b"finished"
+    with PersistenceManager(settings=settings) as manager:
+        assert manager.get_template("dev") == template
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -147,7 +163,7 @@ def test_the_script_enqueues_a_job_once_and_its_data_may_be_uncompressed(
         (lambda k, a: (k, [a[0], "bad queue", *a[2:]]), "ARGV[2]"),
         (lambda k, a: (k, [*a[:4], 0, *a[5:]]), "ARGV[5]"),
         (lambda k, a: (k, [*a[:7], '{"a": 1}']), "ARGV[8]"),
-        (lambda k, a: (k[:3], a), "KEYS[4..]"),
+        (lambda k, a: ([*k, "rq:queue:other"], a), "KEYS[5]"),
         (lambda k, a: (["rq:queue:other", *k[1:]], a), "KEYS[1]"),
         (lambda k, a: ([*k[:3], "perth:other:outstanding:x"], a), "KEYS[4]"),
     ],
