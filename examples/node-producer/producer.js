@@ -29,8 +29,10 @@ class HybridClock {
     return this.last;
   }
   observe(version) {
-    // a version read back from the database: never issue one at or below it
-    if (version > this.last) this.last = version;
+    // a version read back from the database: never issue one at or below it, unless it is more
+    // than 12 hours ahead of this clock (a broken clock wrote it; the workers refuse > 24 hours)
+    const limit = this.base + process.hrtime.bigint() + 12n * 3_600n * 10n ** 9n;
+    if (version > this.last && version <= limit) this.last = version;
   }
 }
 
@@ -110,7 +112,9 @@ export class Producer {
       ops: ops.map(({ _session, ...op }) => op),
     };
     const data = deflateSync(Buffer.from(`["${APPLY_BATCH}",null,[${toJson(batch)}],{}]`, "utf8"), { level: 1 });
-    const description = `apply_batch: ${ops.length} ops for ${sessions.length} sessions [${sessions.map((s) => s.slice(0, 8)).join(", ")}]`;
+    const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
+    const shown = sessions.map((s) => s.slice(0, 8)).join(", ");
+    const description = `apply_batch: ${count(ops.length, "op")} for ${count(sessions.length, "session")} [${shown}]`;
     const keys = [`rq:queue:${this.queue}`, `rq:job:${id}`, "rq:queues",
       ...sessions.map((s) => `perth:${this.queue}:outstanding:${s}`)];
     const o = this.jobOptions;
