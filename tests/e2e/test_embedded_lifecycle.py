@@ -1,4 +1,4 @@
-"""The embedded servers as a newcomer meets them: said when started and stopped, owned."""
+"""The embedded servers as a newcomer meets them: said when started and stopped, owned, found by `env`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
+import redis
 
 from perth_pipeline.embedded import EmbeddedServers, _stop_postmaster
 
@@ -90,3 +92,48 @@ def test_a_command_says_each_server_it_starts_and_stops_and_no_runtime_dir_warni
     assert said[2] == said[1].replace("started", "stopped", 1), lines
     assert said[3] == f"stopped embedded Redis at {redis_url}", lines
     assert len(said) == 4, lines
+
+
+def _eval(exports: str) -> list[str]:
+    """What a POSIX shell's ``eval "$(perth-pipeline env)"`` sets."""
+    script = 'eval "$1" && printf "%s\\n" "$REDIS_URL" "$DATABASE_URL" "$PERTH_QUEUE"'
+    shown = subprocess.run(
+        ["sh", "-c", script, "sh", exports],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return shown.stdout.splitlines()
+
+
+@pytest.mark.timeout(120)
+def test_env_prints_the_running_stacks_urls_for_eval_and_starts_nothing(
+    tmp_path: Path, psutil: object
+) -> None:
+    data = tmp_path / "data"
+    env = _no_backends_env(data)
+    stack = EmbeddedServers(data)  # what `perth-pipeline up` runs
+    try:
+        redis_url, database_url = stack.start()
+        result = _cli(env, "env")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("\n") == 1 and result.stdout.startswith("export REDIS_URL=")
+        assert _eval(result.stdout) == [redis_url, database_url, "perth"]
+        assert "started" not in result.stderr and "stopped" not in result.stderr, result.stderr
+        # the variables point a script at the stack
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        stack.stop()
+    # once the stack is gone: one line on stderr, exit 1, and still nothing started
+    result = _cli(env, "env")
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "perth-pipeline up" in result.stderr, result.stderr
+    redis_pid = json.loads((data / "redis" / "server.json").read_text())["pid"]
+    assert not _alive(psutil, redis_pid) and not (data / "postgres" / "postmaster.pid").exists()
