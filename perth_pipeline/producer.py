@@ -25,7 +25,9 @@ import os
 import time
 import uuid
 import weakref
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from uuid import UUID
@@ -150,6 +152,23 @@ class PersistenceManager:
     def from_env(cls, **overrides: Any) -> PersistenceManager:
         """Build from ``REDIS_URL``, ``DATABASE_URL`` and ``PERTH_*``; keyword arguments override settings."""
         return cls(settings=Settings.from_env(**overrides))
+
+    @classmethod
+    def embedded(
+        cls, data_dir: Path | str | None = None, **overrides: Any
+    ) -> AbstractContextManager[PersistenceManager]:
+        """For scripts and notebooks: ``with PersistenceManager.embedded() as manager: ...``.
+
+        Starts the embedded Redis and PostgreSQL in ``data_dir`` (default ``PERTH_DATA_DIR``),
+        or reuses the ones running there, applies the schema and runs a worker in a thread of
+        this process, so that writes land with nothing else running. Leaving the block waits
+        (bounded) until the writes are committed, stops the worker, closes the manager and stops
+        the servers it started. Keyword arguments override settings. See
+        :mod:`perth_pipeline.localstack`; ``examples/quickstart.py`` uses it.
+        """
+        from .localstack import embedded_manager
+
+        return embedded_manager(data_dir, **overrides)
 
     def start(self) -> None:
         if not self._closed:

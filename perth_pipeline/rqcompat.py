@@ -21,7 +21,10 @@ What each is for:
   ``push_exc_handler``; the worker walks them itself (RQ's ``handle_exception`` would log the
   job's arguments, the user's data) with RQ's semantics (:func:`run_exception_handlers`), and
   hands them to ``rq.registry.clean_registries`` as RQ's own maintenance does.
-* ``Worker._stop_requested``: whether a (warm) shutdown was requested, to stop waiting.
+* ``Worker._stop_requested``: whether a (warm) shutdown was requested, to stop waiting; and
+  set (:func:`request_stop`) to stop a worker that runs in a thread, where no signal reaches it.
+* ``Worker._install_signal_handlers``: overridden by the worker that runs in a thread
+  (``workers/inprocess.py``): only the main thread may install signal handlers.
 * ``Worker._shutdown_requested_date``: when, in memory (the public ``shutdown_requested_date``
   reads Redis, which a signal handler must not wait for).
 * ``Worker._pubsub_exception_handler``: the handler RQ gives its command-channel thread.
@@ -49,6 +52,7 @@ __all__ = [
     "fail_job",
     "missing",
     "pubsub_exception_handler",
+    "request_stop",
     "run_exception_handlers",
     "shutdown_requested_at",
     "stop_requested",
@@ -62,7 +66,7 @@ CHECKED_AGAINST = "2.12.0"
 _METHODS: dict[type, tuple[str, ...]] = {
     Queue: ("_enqueue_job",),
     Job: ("_handle_failure",),
-    BaseWorker: ("_pubsub_exception_handler",),
+    BaseWorker: ("_pubsub_exception_handler", "_install_signal_handlers"),
 }
 #: Attributes that RQ sets on each instance in ``__init__``.
 _ATTRIBUTES: dict[type, tuple[str, ...]] = {
@@ -139,6 +143,11 @@ def run_exception_handlers(handlers: list[Callable[..., Any]], job: Job, *exc_in
 def stop_requested(worker: BaseWorker) -> bool:
     """Whether a shutdown of ``worker`` was requested (a first SIGTERM, or SIGINT)."""
     return bool(worker._stop_requested)
+
+
+def request_stop(worker: BaseWorker) -> None:
+    """Ask ``worker`` to stop after its current job (a warm shutdown), as a first SIGTERM does."""
+    worker._stop_requested = True
 
 
 def shutdown_requested_at(worker: BaseWorker) -> datetime | None:

@@ -6,15 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
+from perth_pipeline import PersistenceManager
 from perth_pipeline.embedded import EmbeddedServers, _stop_postmaster
 
-from ..helpers import require_module
+from ..helpers import pane, require_module, session, tab
 
 
 def _alive(psutil: object, pid: int) -> bool:
@@ -137,3 +139,44 @@ def test_env_prints_the_running_stacks_urls_for_eval_and_starts_nothing(
     assert len(result.stderr.splitlines()) == 1 and "perth-pipeline up" in result.stderr, result.stderr
     redis_pid = json.loads((data / "redis" / "server.json").read_text())["pid"]
     assert not _alive(psutil, redis_pid) and not (data / "postgres" / "postmaster.pid").exists()
+
+
+@pytest.mark.timeout(120)
+def test_embedded_runs_the_pipeline_in_this_process_then_stops_what_it_started(
+    tmp_path: Path, psutil: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("REDIS_URL", "DATABASE_URL", "PERTH_QUEUE"):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "data"
+    s = session("embedded")
+    t = tab(s.id)
+    p = pane(t.id)
+    with PersistenceManager.embedded(data) as manager:
+        manager.create_session(s)
+        manager.create_tab(t)
+        manager.create_pane(p)
+        assert manager.flush(timeout=30), manager.stats()  # the worker in this process committed them
+        tree = manager.restore_session_tree(s.id)
+        assert (tree.session, tree.tabs, tree.panes) == (s, [t], {t.id: [p]})
+        redis_pid, postmaster = _pids(data)
+    assert not _alive(psutil, redis_pid) and not _alive(psutil, postmaster)
+    assert not [x for x in threading.enumerate() if x.name == "perth-worker-thread"]
+
+
+@pytest.mark.timeout(120)
+def test_embedded_reuses_running_servers_and_leaves_them_running(tmp_path: Path, psutil: object) -> None:
+    data = tmp_path / "data"
+    stack = EmbeddedServers(data)
+    try:
+        redis_url, database_url = stack.start()
+        s = session("reused")
+        with PersistenceManager.embedded(data, queue="perth-reused") as manager:
+            assert manager.settings.redis_url == redis_url and manager.settings.database_url == database_url
+            manager.create_session(s)
+            # leaving the block waits for the commit
+        redis_pid, postmaster = _pids(data)
+        assert _alive(psutil, redis_pid) and _alive(psutil, postmaster), "a reused server was stopped"
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            assert conn.execute("SELECT name FROM sessions WHERE id = %s", (s.id,)).fetchone() == ("reused",)
+    finally:
+        stack.stop()
