@@ -11,7 +11,7 @@ from typing import ClassVar
 import click
 
 from .commands.common import CliState, fail, init_schema
-from .errors import InvalidSetting
+from .errors import InvalidSetting, PersistenceError
 from .logs import configure_logging
 from .settings import Settings
 
