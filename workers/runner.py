@@ -10,18 +10,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
+
+import redis
 
 from perth_pipeline.broker import make_queue, make_redis
 from perth_pipeline.logs import configure_logging
-from perth_pipeline.masking import masked_logger
+from perth_pipeline.masking import first_line, mask_url, masked_logger
 from perth_pipeline.settings import Settings
 
 from .worker import PerthJob, PerthWorker
 
-__all__ = ["Supervisor", "main", "run_worker"]
+__all__ = ["Supervisor", "main", "run_worker", "wait_for_redis"]
 
 logger = masked_logger("workers.runner")
 
@@ -78,10 +82,89 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
+#: While Redis is unreachable at start, it is tried again after 1 s, then 2 s, 4 s... at most this.
+REDIS_RETRY_MAX = 30.0
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set a flag while the worker waits for Redis (RQ's handlers come later)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if a stop signal comes: whether one came."""
+        deadline = time.monotonic() + seconds
+        while self.received is None and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
+        return self.received is not None
+
+
+def _ping(client: redis.Redis) -> BaseException | None:
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return exc
+    return None
+
+
+def wait_for_redis(url: str, *, burst: bool = False) -> bool:
+    """Whether Redis answers; if not, one warning, then retries with back-off until it does.
+
+    False when a stop signal (SIGTERM, SIGINT) came while waiting, or at once in burst mode.
+    A worker that cannot reach Redis at start neither fails nor spins: it waits, as it waits
+    for PostgreSQL (:meth:`workers.worker.PerthWorker._wait_for_database`).
+    """
+    client = make_redis(url, connect_timeout=1.0, socket_timeout=2.0)
+    try:
+        error = _ping(client)
+        if error is None:
+            return True
+        then = "exiting (--burst)" if burst else "waiting for it (retrying with back-off)"
+        logger.warning("Redis unreachable at %s (%s); %s", mask_url(url), first_line(error), then)
+        if burst:
+            return False
+        down_since, delay = time.monotonic(), 1.0
+        with _StopSignals() as stop:
+            while not stop.sleep(delay):
+                error = _ping(client)
+                if error is None:
+                    logger.info("Redis reachable after %.1f s; starting", time.monotonic() - down_since)
+                    return True
+                delay = min(delay * 2, REDIS_RETRY_MAX)
+                logger.debug("Redis still unreachable (%s); next try in %.0f s", first_line(error), delay)
+        logger.info("stopped while waiting for Redis (signal %d)", stop.received)
+        return False
+    finally:
+        client.close()
+
+
 def run_worker(settings: Settings, *, burst: bool = False, with_scheduler: bool = True) -> bool:
-    """Run one worker in this process until it is stopped (or, with ``burst``, the queue is empty)."""
+    """Run one worker in this process until it is stopped (or, with ``burst``, the queue is empty).
+
+    Redis unreachable at start: the worker waits for it (see :func:`wait_for_redis`); stopped
+    while waiting, it returns False; in burst mode it exits with status 1.
+    """
     if not settings.redis_url or not settings.database_url:
         raise SystemExit("workers need REDIS_URL and DATABASE_URL")
+    if not wait_for_redis(settings.redis_url, burst=burst):
+        if burst:
+            raise SystemExit(1)
+        return False
     # the worker blocks on BLMOVE for a few seconds at a time: its read timeout is longer than that
     connection = make_redis(settings.redis_url, connect_timeout=5.0, socket_timeout=30.0)
     queue = make_queue(settings.queue, connection, job_class=PerthJob)

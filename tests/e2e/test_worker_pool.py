@@ -199,8 +199,9 @@ def test_honcho_scales_the_procfile_worker_line(settings: Settings, client: redi
 def test_a_child_that_keeps_dying_is_restarted_with_growing_back_off_and_a_stop_is_prompt(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # a Redis URL that refuses: every child dies at start-up
-    env = {**_env(settings), "REDIS_URL": "redis://127.0.0.1:1/0", "PERTH_LOG_LEVEL": "INFO"}
+    # a Redis URL the children cannot parse: every child dies at start-up (an unreachable Redis
+    # is waited for instead: test_worker_redis_wait.py)
+    env = {**_env(settings), "REDIS_URL": "redis://127.0.0.1:notaport/0", "PERTH_LOG_LEVEL": "INFO"}
     command = [sys.executable, "-m", "perth_pipeline.cli", "worker", "--processes", "2"]
     log = tmp_path / "supervisor.log"
     with log.open("wb") as out:
