@@ -209,15 +209,48 @@ def demo(ctx: click.Context) -> None:
     run_demo(settings.model_copy(update={"queue": f"perth-demo-{uuid.uuid4().hex[:6]}"}))
 
 
-@cli.command()
-@click.option("--procfile", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.pass_context
-def up(ctx: click.Context, procfile: Path | None) -> None:
-    """Run the Procfile's processes (embedded servers when no URLs are set). Ctrl-C stops all."""
-    settings = ctx.obj.backends(ctx, init="always")
-    from .stack import run_stack
+def _concurrency(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+    """``-c worker=4`` (repeated, or ``worker=4,scheduler=1``), as ``honcho start -c`` takes it."""
+    counts: dict[str, int] = {}
+    for item in (part for value in values for part in value.split(",") if part.strip()):
+        name, _, number = item.partition("=")
+        if not name.strip() or not number.strip().isdigit():
+            raise click.BadParameter(f"{item!r} is not PROCESS=NUMBER (e.g. worker=4)")
+        counts[name.strip()] = int(number)
+    return counts
 
-    sys.exit(run_stack(settings, procfile))
+
+@cli.command()
+@click.argument("names", metavar="[PROCESS]...", nargs=-1)
+@click.option("--procfile", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--concurrency",
+    "-c",
+    multiple=True,
+    callback=_concurrency,
+    metavar="PROCESS=N",
+    help="How many of a process to run (e.g. -c worker=4), as with honcho start.",
+)
+@click.pass_context
+def up(
+    ctx: click.Context, names: tuple[str, ...], procfile: Path | None, concurrency: dict[str, int]
+) -> None:
+    """Run the Procfile's processes, or only those named (embedded servers when no URLs are set).
+
+    One runs per data directory (PERTH_DATA_DIR). Ctrl-C stops all.
+    """
+    from .stack import StackLock, StackRunning, run_stack
+
+    lock = StackLock(ctx.obj.settings.data_dir)
+    try:
+        lock.acquire()
+    except StackRunning as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot lock {lock.path}: {exc}")
+    ctx.call_on_close(lock.release)  # after the embedded servers stopped (registered later, run first)
+    settings = ctx.obj.backends(ctx, init="always")
+    sys.exit(run_stack(settings, procfile, names, concurrency, lock))
 
 
 @cli.command()

@@ -151,6 +151,10 @@ def test_up_runs_the_procfile_on_embedded_servers_and_ctrl_c_leaves_no_process(t
     assert code == 130, output[-3000:]  # honcho's code for "stopped by SIGINT"
     assert "SIGINT received" in output
     assert "Traceback" not in output, output[-3000:]
+    # in words, not return codes: "worker stopped", not "worker stopped (rc=-15)"
+    assert "rc=" not in output and "worker stopped" in output, output[-3000:]
+    assert "dashboard stopped" in output, output[-3000:]
+    assert "perth-pipeline up: all processes stopped" in output, output[-3000:]
     _, alive = psutil.wait_procs(tree + servers, timeout=30)
     assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
     assert not _strays(psutil, tmp_path), "nothing else runs out of this test's directory"
