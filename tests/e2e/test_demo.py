@@ -10,8 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from ..helpers import require
+from perth_pipeline.reader import Reader
+from perth_pipeline.settings import Settings
+
+from ..helpers import cli_env, require
 
 
 def _embedded_available() -> bool:
@@ -60,3 +64,56 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     assert not _alive(state["pid"])
     pidfile = tmp_path / "data" / "postgres" / "postmaster.pid"
     assert not pidfile.exists() or not _alive(int(pidfile.read_text().split()[0]))
+
+
+def _demo_keys(client: redis.Redis) -> set[bytes]:
+    """What a demo's queue left in Redis: its keys, its jobs, its name in RQ's list of queues."""
+    keys = set(client.scan_iter(match="*perth-demo-*"))
+    keys |= {q for q in client.smembers("rq:queues") if b"perth-demo-" in q}
+    for key in client.scan_iter(match="rq:job:*"):
+        if key.count(b":") == 2 and (client.hget(key, "origin") or b"").startswith(b"perth-demo-"):
+            keys.add(key)
+    return keys
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_cleans_up_names_its_sessions_once_and_says_what_to_try_next(
+    settings: Settings, rconn: redis.Redis
+) -> None:
+    before = _demo_keys(rconn)
+    for run in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "perth_pipeline.cli", "demo"],
+            env=cli_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=170,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        # its queue, its jobs and RQ's registries of them are gone from Redis
+        assert _demo_keys(rconn) <= before, sorted(_demo_keys(rconn) - before)[:10]
+        assert ("replacing the 3 sessions of an earlier demo" in result.stdout) == (run == 1)
+
+    reader = Reader(settings)
+    try:
+        stored = reader.list_sessions()
+        # the second run replaced the first's sessions: each name once
+        assert sorted(s.name for s in stored) == ["demo-0", "demo-1", "demo-2"]
+        trees = [reader.restore_session_tree(s.id, with_history=False) for s in stored]
+    finally:
+        reader.close()
+    for tree in trees:
+        for tab in tree.tabs:
+            panes = tree.panes[tab.id]
+            assert len(tab.layout_blob["sizes"]) == len(panes) and sum(tab.layout_blob["sizes"]) == 100
+            for pane in panes:
+                assert pane.pane_type != "command" or pane.command, pane
+
+    out = result.stdout
+    last = out[out.index("counters:") :]
+    assert "stopping" not in last, last
+    demo_0 = next(s for s in stored if s.name == "demo-0")
+    for step in (f"perth-pipeline restore {demo_0.id}", "perth-pipeline sessions", "perth-pipeline status"):
+        assert step in last, last
+    assert "perth-pipeline up" in last and "perth-pipeline env" in last, last
