@@ -239,8 +239,12 @@ def up(
 
     One runs per data directory (PERTH_DATA_DIR). Ctrl-C stops all.
     """
-    from .stack import StackLock, StackRunning, run_stack
+    from .stack import StackLock, StackRunning, run_stack, stack_processes
 
+    try:
+        processes = stack_processes(procfile, names, concurrency)
+    except ValueError as exc:
+        fail(str(exc), code=2)
     lock = StackLock(ctx.obj.settings.data_dir)
     try:
         lock.acquire()
@@ -250,7 +254,7 @@ def up(
         fail(f"cannot lock {lock.path}: {exc}")
     ctx.call_on_close(lock.release)  # after the embedded servers stopped (registered later, run first)
     settings = ctx.obj.backends(ctx, init="always")
-    sys.exit(run_stack(settings, procfile, names, concurrency, lock))
+    sys.exit(run_stack(settings, processes, lock))
 
 
 @cli.command()

@@ -30,7 +30,7 @@ from typing import Any
 from .logs import mask_secrets
 from .settings import Settings
 
-__all__ = ["StackLock", "StackRunning", "find_procfile", "run_stack"]
+__all__ = ["StackLock", "StackRunning", "find_procfile", "run_stack", "stack_processes"]
 
 
 class StackRunning(Exception):
@@ -220,30 +220,30 @@ def _dashboard_url(processes: Mapping[str, str], env: Mapping[str, str]) -> str 
     return f"http://{env.get('RQ_DASHBOARD_BIND', '127.0.0.1')}:{env.get('RQ_DASHBOARD_PORT', '9181')}"
 
 
-def run_stack(
-    settings: Settings,
-    procfile: Path | None = None,
-    names: Sequence[str] = (),
-    concurrency: Mapping[str, int] | None = None,
-    lock: StackLock | None = None,
-) -> int:
-    """Run the Procfile's processes (those named, each as many times as asked) until one stops or Ctrl-C.
+def stack_processes(
+    procfile: Path | None = None, names: Sequence[str] = (), concurrency: Mapping[str, int] | None = None
+) -> dict[str, str]:
+    """The Procfile's processes to run: those named (all if none), each as many times as asked.
+
+    Raises ValueError for an unknown name or a Procfile without processes.
+    """
+    from honcho.environ import parse_procfile
+
+    processes = select_processes(parse_procfile(find_procfile(procfile)).processes, names, concurrency)
+    if not processes:
+        raise ValueError("the Procfile has no processes")
+    return processes
+
+
+def run_stack(settings: Settings, processes: Mapping[str, str], lock: StackLock | None = None) -> int:
+    """Run ``processes`` (from :func:`stack_processes`) under honcho until one stops or Ctrl-C.
 
     Returns honcho's exit code: 130 after SIGINT, 143 after SIGTERM; a process that failed makes
     it non-zero.
     """
-    from honcho.environ import parse_procfile
     from honcho.manager import Manager
     from honcho.printer import Printer
 
-    try:
-        processes = select_processes(parse_procfile(find_procfile(procfile)).processes, names, concurrency)
-    except ValueError as exc:
-        print(f"perth-pipeline up: {exc}", file=sys.stderr)
-        return 2
-    if not processes:
-        print("perth-pipeline up: the Procfile has no processes", file=sys.stderr)
-        return 2
     env = stack_environment(settings)
     # where Perth (or `perth-pipeline status` in another terminal) finds this stack
     where = {
