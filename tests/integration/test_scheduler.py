@@ -188,7 +188,7 @@ def test_the_procfile_runs_the_scheduler() -> None:
     from honcho.environ import parse_procfile
 
     processes = parse_procfile((ROOT / "Procfile").read_text(encoding="utf-8")).processes
-    assert processes.get("scheduler") == "perth-pipeline scheduler"
+    assert processes.get("scheduler") == "exec perth-pipeline scheduler"
 
 
 def test_a_queued_cleanup_job_cannot_ask_to_remove_everything(
