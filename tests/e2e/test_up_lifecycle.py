@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -55,10 +56,10 @@ class Up:
     def started(self, *names: str) -> dict[str, int]:
         """The pids of ``names`` once honcho said each started."""
 
-        def pids() -> dict[str, int] | None:
+        def pids() -> dict[str, int]:
             assert self.proc.poll() is None, f"`up` exited with {self.proc.returncode}:\n{self.output}"
             found = dict(re.findall(r"(\S+) started \(pid=(\d+)\)", self.output))
-            return {n: int(found[n]) for n in names} if all(n in found for n in names) else None
+            return {n: int(found[n]) for n in names} if all(n in found for n in names) else {}
 
         return wait_for(pids, 60.0, what=f"{names} to start")
 
@@ -90,6 +91,19 @@ def ups() -> Iterator[list[Up]]:
     yield made
     for up in made:
         up.close()
+
+
+def _lock_free(path: Path) -> bool:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # and the lock with it
+    return True
 
 
 def _procfile(tmp_path: Path, text: str) -> str:
@@ -158,7 +172,7 @@ def test_a_second_up_on_the_same_data_dir_says_where_the_first_is_and_leaves_it_
 def _registered(settings: Settings) -> set[int]:
     client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=10)
     try:
-        return {w.pid for w in Worker.all(queue=make_queue(settings.queue, client))}
+        return {w.pid for w in Worker.all(queue=make_queue(settings.queue, client)) if w.pid}
     finally:
         client.close()
 
@@ -190,3 +204,30 @@ def test_up_refuses_an_unknown_process_or_a_malformed_concurrency(settings: Sett
     assert unknown.returncode == 2 and "no process nosuch in the Procfile" in unknown.stderr, unknown.stderr
     malformed = run("-c", "worker")
     assert malformed.returncode == 2 and "PROCESS=NUMBER" in malformed.stderr, malformed.stderr
+
+
+@pytest.mark.timeout(120)
+def test_an_up_killed_outright_leaves_the_lock_to_what_still_runs_and_says_so(
+    settings: Settings, tmp_path: Path, ups: list[Up]
+) -> None:
+    procfile = _procfile(tmp_path, f"one: {SLEEPER}\n")
+    data = tmp_path / "data"
+    first = Up(settings, data, "--procfile", procfile)
+    ups.append(first)
+    [pid] = first.started("one").values()
+    try:
+        first.proc.kill()  # `up` alone, SIGKILL: honcho's helpers and the process they run go on
+        first.proc.wait(timeout=10)
+        second = Up(settings, data, "--procfile", procfile)
+        ups.append(second)
+        assert second.finish() == 1
+        assert f"pid {first.proc.pid} is gone, but processes it started still run" in second.output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # once they are gone too, the data directory is free
+    wait_for(lambda: _lock_free(data / "up.lock"), 30.0, what="honcho's helpers to exit")
+    third = Up(settings, data, "--procfile", procfile)
+    ups.append(third)
+    third.started("one")
+    assert third.stop() == 143
