@@ -71,7 +71,10 @@ def _demo_keys(client: redis.Redis) -> set[bytes]:
     keys = set(client.scan_iter(match="*perth-demo-*"))
     keys |= {q for q in client.smembers("rq:queues") if b"perth-demo-" in q}
     for key in client.scan_iter(match="rq:job:*"):
-        if key.count(b":") == 2 and (client.hget(key, "origin") or b"").startswith(b"perth-demo-"):
+        if key.count(b":") != 2:
+            continue  # rq:job:<id>:dependents and the like: not the job's hash
+        origin: bytes | None = client.hget(key, "origin")  # type: ignore[assignment]
+        if (origin or b"").startswith(b"perth-demo-"):
             keys.add(key)
     return keys
 

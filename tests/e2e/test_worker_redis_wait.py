@@ -55,7 +55,7 @@ def _lines(log: Path, text: str) -> list[str]:
 def _registered(settings: Settings, server: ThrowawayRedis) -> set[int]:
     client = server.client()
     try:
-        return {w.pid for w in Worker.all(queue=make_queue(settings.queue, client))}
+        return {w.pid for w in Worker.all(queue=make_queue(settings.queue, client)) if w.pid}
     except redis.RedisError:
         return set()
     finally:
