@@ -170,7 +170,7 @@ def _next_steps(session: SessionRecord) -> str:
         [
             "\nnext, try:",
             f"  # {session.name} again (--format kdl: as a zellij layout)",
-            f"  perth-pipeline restore {session.id}",
+            f"  perth-pipeline restore {session.name}",
             *(f"  {command:<{width}}  # {what}" for command, what in steps),
         ]
     )

@@ -325,6 +325,7 @@ def push_hash(harness: Harness, fields: dict[str, Any] | None, *, kind: str = "h
         harness.redis.set(key, "not a job")
     elif fields is not None:
         harness.redis.hset(key, mapping=fields)
+    harness.redis.expire(key, 600)  # the shared Redis keeps no hand-made key for long
     harness.redis.rpush(harness.queue.key, job_id)
     harness.redis.sadd("rq:queues", harness.queue.key)
     return PerthJob(job_id, connection=harness.redis, serializer=JSONSerializer)
