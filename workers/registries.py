@@ -19,7 +19,7 @@ import zlib
 from typing import Any
 
 import redis
-from rq.exceptions import AbandonedJobError, NoSuchJobError
+from rq.exceptions import AbandonedJobError, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -46,6 +46,8 @@ def _fetch(connection: redis.Redis, queue: Any, job_id: str, settings: Settings)
         return PerthJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:
         return None
+    except StopRequested:
+        raise  # a signal arrived during the read: the job is fine, the worker is stopping
     except Exception as exc:  # a hash RQ cannot read
         reason = f"unreadable job: {type(exc).__name__}: {short(str(exc))}"
         quarantine(connection, queue, job_id, reason, settings)

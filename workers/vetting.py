@@ -23,7 +23,7 @@ import inspect
 from typing import Any
 
 import redis
-from rq.exceptions import DeserializationError, NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError, StopRequested
 from rq.job import Job
 
 from perth_pipeline import rqcompat
@@ -110,8 +110,8 @@ class PerthJob(PackedJob):
     def _restore_fields(self, raw_data: Any) -> None:
         try:
             super().restore(raw_data)
-        except NoSuchJobError:
-            raise
+        except (NoSuchJobError, StopRequested):
+            raise  # gone, or a signal arrived meanwhile: nothing wrong with the hash
         except Exception as exc:
             # RQ's own message quotes the value, or says nothing (an AssertionError): name the field
             field = _unreadable_field(self, raw_data)

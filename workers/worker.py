@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import clean_registries
 from rq.utils import now
@@ -183,8 +184,8 @@ class PerthWorker(SimpleWorker):
                 for step in (self._requeue_abandoned, self._enqueue_overdue, self._clean_rq_registries):
                     try:
                         step(queue)
-                    except redis.RedisError:
-                        raise
+                    except (redis.RedisError, StopRequested):
+                        raise  # Redis failed, or a signal asked this worker to stop: not one job's fault
                     except Exception:  # one unreadable job must not stop the maintenance of the rest
                         logger.exception("registry maintenance of queue %s failed", queue.name)
             finally:

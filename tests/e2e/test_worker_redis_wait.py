@@ -6,6 +6,8 @@ started against it before it runs, and it is started once they said they wait.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -45,7 +47,16 @@ def _start(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]
     env = cli_env(settings, PERTH_LOG_LEVEL="DEBUG", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "perth_pipeline.cli", "worker", *args]
     with log.open("wb") as out:
-        return subprocess.Popen(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        # a session of its own: teardown kills the pool's children too, never leaving one orphaned
+        return subprocess.Popen(
+            command,
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
 
 
 def _lines(log: Path, text: str) -> list[str]:
@@ -63,8 +74,9 @@ def _registered(settings: Settings, server: ThrowawayRedis) -> set[int]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and whatever it started
     if proc.poll() is None:
-        proc.kill()
         proc.wait(timeout=10)
 
 

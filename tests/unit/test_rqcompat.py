@@ -66,3 +66,50 @@ def test_perth_worker_walks_the_exception_handlers_as_rq_does() -> None:
         assert calls == ["first", "second"]
     finally:
         context.bind(None)
+
+
+def test_a_stop_requested_during_registry_maintenance_stops_the_worker() -> None:
+    """SIGTERM during start-up maintenance: RQ raises StopRequested inside a Redis read there.
+
+    Maintenance logs and skips what one unreadable job raises, but a stop is not one job's
+    fault: swallowed, it left the worker running after its pool had been told to stop.
+    """
+    from rq.exceptions import StopRequested
+
+    from tests.helpers import test_settings
+    from workers import registries
+    from workers.worker import PerthWorker
+
+    connection = fakeredis.FakeRedis()
+    settings = test_settings("redis://127.0.0.1:1/0", "postgresql://nobody@127.0.0.1:1/none")
+    worker = PerthWorker([settings.queue], settings=settings, connection=connection)
+
+    def stop(queue: Any) -> None:
+        raise StopRequested()
+
+    worker._requeue_abandoned = stop  # type: ignore[method-assign]
+    try:
+        worker.clean_registries()
+    except StopRequested:
+        pass
+    else:
+        raise AssertionError("clean_registries() swallowed StopRequested")
+
+    quarantined: list[str] = []
+
+    def fetch(*args: Any, **kwargs: Any) -> Any:
+        raise StopRequested()
+
+    original_fetch, original_quarantine = registries.PerthJob.fetch, registries.quarantine
+    registries.PerthJob.fetch = fetch  # type: ignore[method-assign, assignment]
+    registries.quarantine = lambda *a, **k: quarantined.append(a[2])  # type: ignore[assignment]
+    try:
+        registries._fetch(connection, worker.queues[0], "some-job", settings)
+    except StopRequested:
+        pass
+    else:
+        raise AssertionError("reading a job swallowed StopRequested")
+    finally:
+        registries.PerthJob.fetch = original_fetch  # type: ignore[method-assign]
+        registries.quarantine = original_quarantine
+    assert quarantined == [], "a job read during a stop was quarantined as unreadable"
