@@ -27,7 +27,7 @@ from perth_pipeline import install_signal_handlers
 from perth_pipeline.settings import Settings
 
 TERMINAL = """
-import signal, sys, time, uuid
+import signal, sys, uuid
 from datetime import UTC, datetime
 from perth_pipeline import PersistenceManager, SessionRecord, TabRecord, install_signal_handlers
 from perth_pipeline.settings import Settings
@@ -63,7 +63,7 @@ if mode == "in-write":
 else:
     print(sid, flush=True)  # ready: both writes made
 while True:
-    time.sleep(60)  # an idle terminal, until the signal ends it
+    signal.pause()  # an idle terminal, until the signal ends it
 """
 
 
