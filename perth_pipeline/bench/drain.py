@@ -25,7 +25,7 @@ from perth_pipeline import PersistenceManager
 from perth_pipeline.settings import Settings
 
 from .backends import WorkerPool, count_rows, drop_queue, settings_for, truncate, unique_queue
-from .workload import Tree
+from .workload import Tree, write_tree
 
 __all__ = ["run_drain"]
 
@@ -64,12 +64,7 @@ def _fill(settings: Settings, tree: Tree) -> int:
     """
     manager = PersistenceManager(settings=settings)
     try:
-        for s in tree.sessions:
-            manager.create_session(s)
-        for t in tree.tabs:
-            manager.create_tab(t)
-        for p in tree.panes:
-            manager.create_pane(p)
+        write_tree(manager, tree)
     finally:
         manager.close(timeout=_DRAIN_TIMEOUT)  # sends what is buffered to the queue, waits for no worker
     stats = manager.stats()

@@ -25,7 +25,7 @@ from perth_pipeline.settings import Settings
 
 from .backends import WorkerPool, drop_queue, queries, settings_for, truncate, unique_queue
 from .stats import percentiles
-from .workload import Tree
+from .workload import Tree, write_tree
 
 __all__ = ["freshness_updates", "run_freshness"]
 
@@ -85,12 +85,7 @@ def run_freshness(
         with WorkerPool(settings, 1, log_dir=log_dir):
             manager = PersistenceManager(settings=settings)
             try:
-                for s in tree.sessions:
-                    manager.create_session(s)
-                for t in tree.tabs:
-                    manager.create_tab(t)
-                for p in tree.panes:
-                    manager.create_pane(p)
+                write_tree(manager, tree)
                 if not manager.flush(timeout=60.0):
                     raise RuntimeError("freshness: the panes were not committed")
                 reader = _Reader(database_url, tree.sessions[0].id, updates, poll)

@@ -46,7 +46,7 @@ from ..testing import ThrowawayPostgres, ThrowawayRedis
 from .naive import FUNCTION as NAIVE_FUNCTION
 from .naive import naive_row
 from .stats import percentiles, ratio
-from .workload import Tree
+from .workload import Tree, write_tree
 
 __all__ = ["CONDITIONS", "LatencyConfig", "run_latency"]
 
@@ -248,12 +248,7 @@ def _producer_run(
     settings = Settings(redis_url=cond.r.url, database_url=cond.pg.url, queue=queue)
     manager = PersistenceManager(settings=settings)
     try:
-        for s in tree.sessions:
-            manager.create_session(s)
-        for t in tree.tabs:
-            manager.create_tab(t)
-        for p in tree.panes:
-            manager.create_pane(p)
+        write_tree(manager, tree)
         if _wait(lambda: not manager.buffer.has_dirty() and manager.is_available(), 60.0) is None:
             raise RuntimeError(f"the producer did not send its first batches: {manager.stats()}")
         cond.producer_on(manager)

@@ -30,21 +30,12 @@ from perth_pipeline.settings import Settings
 from .backends import WorkerPool, count_rows, drop_queue, queries, settings_for, truncate, unique_queue
 from .naive import FUNCTION as NAIVE_FUNCTION
 from .naive import naive_row
-from .workload import Tree
+from .workload import Tree, write_tree
 
 __all__ = ["run_ceiling", "run_end_to_end", "run_hot_key", "run_naive"]
 
 _STATS = ("submitted", "coalesced", "enqueued_jobs", "enqueued_ops", "committed_jobs", "dropped_jobs")
 _COMMIT_TIMEOUT = 600.0
-
-
-def _write_tree(manager: PersistenceManager, tree: Tree) -> None:
-    for s in tree.sessions:
-        manager.create_session(s)
-    for t in tree.tabs:
-        manager.create_tab(t)
-    for p in tree.panes:
-        manager.create_pane(p)
 
 
 def run_end_to_end(base: Settings, tree: Tree, workers: int, log_dir: Path) -> dict[str, Any]:
@@ -57,7 +48,7 @@ def run_end_to_end(base: Settings, tree: Tree, workers: int, log_dir: Path) -> d
             manager = PersistenceManager(settings=settings)
             try:
                 started = time.perf_counter()
-                _write_tree(manager, tree)
+                write_tree(manager, tree)
                 calls_done = time.perf_counter()
                 committed = manager.flush(timeout=_COMMIT_TIMEOUT)
                 elapsed = time.perf_counter() - started
@@ -92,7 +83,7 @@ def run_hot_key(base: Settings, tree: Tree, updates: list[PaneRecord], log_dir: 
         with WorkerPool(settings, 1, log_dir=log_dir):
             manager = PersistenceManager(settings=settings)
             try:
-                _write_tree(manager, tree)
+                write_tree(manager, tree)
                 if not manager.flush(timeout=_COMMIT_TIMEOUT):
                     raise RuntimeError("hot key: the panes were not committed")
                 before = manager.stats()

@@ -11,10 +11,14 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from perth_pipeline import PaneHistoryChunk, PaneRecord, SessionRecord, TabRecord
 
-__all__ = ["Tree", "build_tree", "scrollback", "title_updates"]
+if TYPE_CHECKING:
+    from perth_pipeline import PersistenceManager
+
+__all__ = ["Tree", "build_tree", "scrollback", "title_updates", "write_tree"]
 
 _COMMANDS = ("make test", "git status", "cargo build --release", "ls -la", "pytest -q", "tail -f app.log")
 _WORDS = ("ok", "passed", "compiling", "warning:", "error:", "src/main.rs", "done", "in", "0.42s", "FAILED")
@@ -74,6 +78,16 @@ def build_tree(sessions: int, tabs: int, panes: int, *, seed: int = 1, name: str
             )
         )
     return tree
+
+
+def write_tree(manager: PersistenceManager, tree: Tree) -> None:
+    """Every record of ``tree`` through ``manager``'s write calls, parents first."""
+    for s in tree.sessions:
+        manager.create_session(s)
+    for t in tree.tabs:
+        manager.create_tab(t)
+    for p in tree.panes:
+        manager.create_pane(p)
 
 
 def title_updates(panes: list[PaneRecord], count: int, *, seed: int = 2) -> list[PaneRecord]:
