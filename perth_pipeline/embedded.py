@@ -50,7 +50,7 @@ import redis
 from .errors import PersistenceError
 from .masking import masked_logger
 
-__all__ = ["EmbeddedServers", "EmbeddedUnavailable", "running_urls"]
+__all__ = ["EmbeddedServers", "EmbeddedUnavailable", "pid_alive", "running_urls"]
 
 logger = masked_logger("perth_pipeline.embedded")
 
@@ -107,7 +107,8 @@ def _redis_url(socket_path: Path) -> str:
     return f"unix://{socket_path}?db=0"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts: it cannot be signalled, but it is there)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,7 +126,7 @@ def _running_redis(state: Path) -> str | None:
         socket_path = Path(info["socket"]) if "socket" in info else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return None
     if socket_path is None:
         _refuse_a_tcp_server(pid, info.get("port"))
@@ -429,4 +430,4 @@ def _postgres_running(folder: Path) -> bool:
         pid = int(pidfile.read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
         return False
-    return _pid_alive(pid)
+    return pid_alive(pid)

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .embedded import pid_alive
 from .logs import mask_secrets
 from .settings import Settings
 
@@ -94,7 +95,7 @@ class StackLock:
         lines += [f"  {key}={info[key]}" for key in keys if info.get(key)]
         if info.get("dashboard"):
             lines.append(f"  dashboard: {info['dashboard']}")
-        if isinstance(pid, int) and not _alive(pid):
+        if isinstance(pid, int) and not pid_alive(pid):
             # killed with SIGKILL: honcho's helpers (forked from it) and what they run hold the lock
             lines.append(f"pid {pid} is gone, but processes it started still run: `fuser -v {self.path}`")
             stop = "stop them first"
@@ -102,16 +103,6 @@ class StackLock:
             stop = f"stop it first (Ctrl-C in its terminal, or kill {pid})" if pid else "stop it first"
         lines.append(f"Use it, {stop}, or run this one with another PERTH_DATA_DIR.")
         return "\n".join(lines)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def find_procfile(explicit: Path | None = None) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -23,6 +23,9 @@ from .masking import carries_secret, first_line, mask_url, masked_logger
 from .operations import inflate_chunk
 from .queries import load_queries, schema_sql
 from .records import PaneRecord, SessionRecord, SessionTree, TabRecord, TemplateRecord
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = ["Routes", "SessionSummary", "Store", "connect", "wrap_errors"]
 
@@ -80,6 +83,22 @@ def connect(
             options=f"-c statement_timeout={int(statement_timeout * 1000)}",
             application_name="perth-pipeline",
         )
+
+
+@contextmanager
+def admin_connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    """One connection for a command's administration (cleanup, a delete), with the settings' timeouts.
+
+    Driver errors come out as the project's (:func:`wrap_errors`); the connection is closed on exit.
+    """
+    url = settings.database_url or ""
+    with (
+        wrap_errors(url),
+        connect(
+            url, connect_timeout=settings.db_connect_timeout, statement_timeout=settings.statement_timeout
+        ) as conn,
+    ):
+        yield conn
 
 
 class Store:

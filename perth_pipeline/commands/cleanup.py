@@ -8,7 +8,7 @@ import click
 
 from ..errors import DatabaseError, PersistenceError
 from ..retention import run_cleanup
-from ..store import connect, wrap_errors
+from ..store import admin_connection
 from .common import fail, positive_duration
 
 __all__ = ["cleanup_command"]
@@ -44,14 +44,8 @@ def cleanup_command(
         else state.settings.tombstone_retention
     )
     settings = state.backends(ctx)
-    url = settings.database_url or ""
     try:
-        with (
-            wrap_errors(url),
-            connect(
-                url, connect_timeout=settings.db_connect_timeout, statement_timeout=settings.statement_timeout
-            ) as conn,
-        ):
+        with admin_connection(settings) as conn:
             report = run_cleanup(conn, older_than=age, tombstone_retention=tomb_age, dry_run=dry_run)
     except DatabaseError as exc:  # a statement timeout, a read-only standby...: one line, no traceback
         fail(f"cleanup stopped: {exc} (what was removed before it stays removed)")

@@ -251,7 +251,7 @@ def delete_session(ctx: click.Context, session: str, yes: bool) -> None:
     stores it again with its next write; writes made before the delete stay deleted.
     """
     from ..retention import delete_sessions
-    from ..store import connect, wrap_errors
+    from ..store import admin_connection
 
     settings: Settings = ctx.obj.backends(ctx)
     reader = Reader(settings.with_urls(None, settings.database_url))
@@ -265,14 +265,8 @@ def delete_session(ctx: click.Context, session: str, yes: bool) -> None:
             fail(f"not deleting {what}: add --yes to delete without a prompt", code=2)
         if not click.confirm(f"Delete {what}?", default=False):
             fail("nothing deleted")
-    url = settings.database_url or ""
     try:
-        with (
-            wrap_errors(url),
-            connect(
-                url, connect_timeout=settings.db_connect_timeout, statement_timeout=settings.statement_timeout
-            ) as conn,
-        ):
+        with admin_connection(settings) as conn:
             done = delete_sessions(conn, [record.id])
     except DatabaseError as exc:
         fail(f"delete stopped: {exc} (nothing was deleted)")
