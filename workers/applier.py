@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
@@ -27,19 +27,19 @@ from psycopg import sql
 
 from perth_pipeline.limits import compact_json
 from perth_pipeline.masking import masked_logger
-from perth_pipeline.operations import (
-    Batch,
-    HistoryAppend,
-    PaneUpsert,
-    SessionUpsert,
-    TabUpsert,
-    TemplateUpsert,
-)
 from perth_pipeline.queries import load_queries
 
-from .reduction import Reduced, reduce_batch
+from .reduction import (
+    HistoryAppendOp,
+    PaneUpsertOp,
+    Reduced,
+    SessionUpsertOp,
+    TabUpsertOp,
+    TemplateUpsertOp,
+    reduce_batch,
+)
 
-__all__ = ["Applier", "ApplyResult"]
+__all__ = ["AppliedBatch", "Applier", "ApplyResult"]
 
 logger = masked_logger("workers.applier")
 
@@ -65,6 +65,21 @@ _CASCADES = (
     ("tab", ("delete_tabs", "delete_panes_of_tabs", "delete_history_of_tabs")),
     ("pane", ("delete_panes", "delete_history_of_panes")),
 )
+
+
+class AppliedBatch(Protocol):
+    """What the applier reads of a batch: the models' ``Batch`` or a ``workers.decoder.DecodedBatch``."""
+
+    @property
+    def id(self) -> UUID: ...
+
+    @property
+    def origin(self) -> str: ...
+
+    @property
+    def ops(self) -> Sequence[Any]: ...
+
+    def session_ids(self) -> list[UUID]: ...
 
 
 @dataclass(slots=True)
@@ -105,7 +120,7 @@ class Applier:
     def apply(
         self,
         conn: psycopg.Connection[Any],
-        batch: Batch,
+        batch: AppliedBatch,
         ops: Sequence[Any] | None = None,
         *,
         json_texts: dict[int, tuple[Any, str]] | None = None,
@@ -280,15 +295,17 @@ def _in_order(ops: dict[Any, Any]) -> list[Any]:
     return [ops[key] for key in sorted(ops)]
 
 
-def _json(value: dict[str, Any], texts: dict[int, tuple[Any, str]]) -> str:
-    """The compact JSON of ``value``: as validation encoded it, else encoded here."""
+def _json(value: dict[str, Any] | str, texts: dict[int, tuple[Any, str]]) -> str:
+    """A JSON field's text: as decoded (text already), as validation encoded it, else encoded here."""
+    if type(value) is str:
+        return value
     known = texts.get(id(value))
     if known is not None and known[0] is value:
         return known[1]
     return _dumps(value)
 
 
-def _session_rows(ops: dict[int, SessionUpsert], origin: str) -> list[Sequence[Any]]:
+def _session_rows(ops: dict[int, SessionUpsertOp], origin: str) -> list[Sequence[Any]]:
     rows: list[Sequence[Any]] = []
     for op in _in_order(ops):
         r = op.record
@@ -297,7 +314,7 @@ def _session_rows(ops: dict[int, SessionUpsert], origin: str) -> list[Sequence[A
 
 
 def _tab_rows(
-    ops: dict[int, TabUpsert], origin: str, texts: dict[int, tuple[Any, str]]
+    ops: dict[int, TabUpsertOp], origin: str, texts: dict[int, tuple[Any, str]]
 ) -> list[Sequence[Any]]:
     rows: list[Sequence[Any]] = []
     for op in _in_order(ops):
@@ -307,7 +324,7 @@ def _tab_rows(
 
 
 def _pane_rows(
-    ops: dict[int, PaneUpsert], origin: str, texts: dict[int, tuple[Any, str]]
+    ops: dict[int, PaneUpsertOp], origin: str, texts: dict[int, tuple[Any, str]]
 ) -> list[Sequence[Any]]:
     rows: list[Sequence[Any]] = []
     append = rows.append
@@ -331,7 +348,7 @@ def _pane_rows(
     return rows
 
 
-def _history_rows(ops: dict[tuple[int, int], HistoryAppend], origin: str) -> list[Sequence[Any]]:
+def _history_rows(ops: dict[tuple[int, int], HistoryAppendOp], origin: str) -> list[Sequence[Any]]:
     return [
         (
             op.pane_id,
@@ -349,7 +366,7 @@ def _history_rows(ops: dict[tuple[int, int], HistoryAppend], origin: str) -> lis
 
 
 def _template_rows(
-    ops: dict[str, TemplateUpsert], origin: str, texts: dict[int, tuple[Any, str]]
+    ops: dict[str, TemplateUpsertOp], origin: str, texts: dict[int, tuple[Any, str]]
 ) -> list[Sequence[Any]]:
     rows: list[Sequence[Any]] = []
     for op in _in_order(ops):

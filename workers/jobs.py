@@ -41,7 +41,7 @@ from perth_pipeline.operations import BATCH_ADAPTER, Batch, BatchEnvelope, Opera
 from perth_pipeline.wire import APPLY_BATCH, CLEANUP, SUPPORTED_FORMATS
 
 from . import maintenance, metrics
-from .applier import ApplyResult
+from .applier import AppliedBatch, ApplyResult
 from .context import JobContext, bind, current_context
 from .refusal import PoisonBatch, refuse
 from .serializer import ParsedBatch
@@ -149,6 +149,7 @@ def apply_batch(payload: Any) -> dict[str, Any]:
     was validated whole while its job data was read.
     """
     json_texts: dict[int, tuple[Any, str]] | None = None
+    batch: AppliedBatch
     if isinstance(payload, ParsedBatch):
         batch, ops, json_texts = payload.batch, payload.batch.ops, payload.json_texts
         rejected: list[str] = []
@@ -180,7 +181,10 @@ def apply_batch(payload: Any) -> dict[str, Any]:
 
 
 def _apply(
-    context: JobContext, batch: Batch, ops: Sequence[Any], json_texts: dict[int, tuple[Any, str]] | None
+    context: JobContext,
+    batch: AppliedBatch,
+    ops: Sequence[Any],
+    json_texts: dict[int, tuple[Any, str]] | None,
 ) -> ApplyResult:
     """Apply on the process's connection; classify what went wrong (see the module's docstring)."""
     for attempt in (1, 2):
@@ -211,7 +215,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _settle_outstanding(context: JobContext, batch: Batch) -> None:
+def _settle_outstanding(context: JobContext, batch: AppliedBatch) -> None:
     """The batch is committed: reads of its sessions no longer wait for it."""
     job = get_current_job()
     job_id = job.id if job is not None else str(batch.id)

@@ -27,7 +27,24 @@ from perth_pipeline.operations import (
     TemplateUpsert,
 )
 
-__all__ = ["Reduced", "reduce_batch"]
+from . import decoder as d
+
+__all__ = [
+    "HistoryAppendOp",
+    "PaneUpsertOp",
+    "Reduced",
+    "SessionUpsertOp",
+    "TabUpsertOp",
+    "TemplateUpsertOp",
+    "reduce_batch",
+]
+
+# The operations of the models or of the decoder: the same fields (see reduce_batch).
+SessionUpsertOp = SessionUpsert | d.SessionUpsertStruct
+TabUpsertOp = TabUpsert | d.TabUpsertStruct
+PaneUpsertOp = PaneUpsert | d.PaneUpsertStruct
+HistoryAppendOp = HistoryAppend | d.HistoryAppendStruct
+TemplateUpsertOp = TemplateUpsert | d.TemplateUpsertStruct
 
 
 @dataclass(slots=True)
@@ -38,14 +55,14 @@ class Reduced:
     ascending ints are ascending UUIDs, the order in which rows are copied and merged).
     """
 
-    sessions: dict[int, SessionUpsert] = field(default_factory=dict)
-    touches: dict[int, SessionTouch] = field(default_factory=dict)
-    tabs: dict[int, TabUpsert] = field(default_factory=dict)
-    panes: dict[int, PaneUpsert] = field(default_factory=dict)
-    history: dict[tuple[int, int], HistoryAppend] = field(default_factory=dict)
+    sessions: dict[int, SessionUpsertOp] = field(default_factory=dict)
+    touches: dict[int, SessionTouch | d.SessionTouchStruct] = field(default_factory=dict)
+    tabs: dict[int, TabUpsertOp] = field(default_factory=dict)
+    panes: dict[int, PaneUpsertOp] = field(default_factory=dict)
+    history: dict[tuple[int, int], HistoryAppendOp] = field(default_factory=dict)
     # id -> (kind, version, id, tab_id, session_id): the ancestors go into the tombstone
     deletes: dict[int, tuple[str, int, UUID, UUID | None, UUID]] = field(default_factory=dict)
-    templates: dict[str, TemplateUpsert] = field(default_factory=dict)
+    templates: dict[str, TemplateUpsertOp] = field(default_factory=dict)
     template_deletes: dict[str, int] = field(default_factory=dict)
     session_ids: set[int] = field(default_factory=set)  # UUID.int of every session touched
     deleting: set[int] = field(default_factory=set)  # UUID.int of the sessions this batch deletes in
@@ -84,40 +101,70 @@ def _keep_delete(r: Reduced, key: UUID, kind: str, version: int, *, tab: UUID | 
     r.deleting.add(session.int)
 
 
+# The kind of each operation class, of the models and of the decoder alike (a dict look-up, no
+# isinstance chain: this runs once per operation).
+(_PANE_UP, _HISTORY, _TAB_UP, _SESSION_UP, _TOUCH) = range(5)
+(_SESSION_DEL, _TAB_DEL, _PANE_DEL, _TEMPLATE_UP, _TEMPLATE_DEL) = range(5, 10)
+_KINDS: dict[type, int] = {
+    PaneUpsert: _PANE_UP,
+    d.PaneUpsertStruct: _PANE_UP,
+    HistoryAppend: _HISTORY,
+    d.HistoryAppendStruct: _HISTORY,
+    TabUpsert: _TAB_UP,
+    d.TabUpsertStruct: _TAB_UP,
+    SessionUpsert: _SESSION_UP,
+    d.SessionUpsertStruct: _SESSION_UP,
+    SessionTouch: _TOUCH,
+    d.SessionTouchStruct: _TOUCH,
+    SessionDelete: _SESSION_DEL,
+    d.SessionDeleteStruct: _SESSION_DEL,
+    TabDelete: _TAB_DEL,
+    d.TabDeleteStruct: _TAB_DEL,
+    PaneDelete: _PANE_DEL,
+    d.PaneDeleteStruct: _PANE_DEL,
+    TemplateUpsert: _TEMPLATE_UP,
+    d.TemplateUpsertStruct: _TEMPLATE_UP,
+    TemplateDelete: _TEMPLATE_DEL,
+    d.TemplateDeleteStruct: _TEMPLATE_DEL,
+}
+
+
 def reduce_batch(ops: Iterable[Any]) -> Reduced:  # noqa: C901  (one branch per operation kind)
+    """Operations of the models (``perth_pipeline.operations``) or of the decoder (``workers.decoder``)."""
     r = Reduced()
     sessions = r.session_ids
+    kinds = _KINDS
     for op in ops:
-        kind = type(op)
-        if kind is PaneUpsert:
+        kind = kinds.get(type(op))
+        if kind == _PANE_UP:
             _keep(r.panes, op.record.id.int, op)
             sessions.add(op.session_id.int)
-        elif kind is HistoryAppend:
+        elif kind == _HISTORY:
             _keep(r.history, (op.pane_id.int, op.chunk_index), op)
             sessions.add(op.session_id.int)
-        elif kind is TabUpsert:
+        elif kind == _TAB_UP:
             _keep(r.tabs, op.record.id.int, op)
             sessions.add(op.record.session_id.int)
-        elif kind is SessionUpsert:
+        elif kind == _SESSION_UP:
             _keep(r.sessions, op.record.id.int, op)
             sessions.add(op.record.id.int)
-        elif kind is SessionTouch:
+        elif kind == _TOUCH:
             _keep(r.touches, op.id.int, op)
             sessions.add(op.id.int)
-        elif kind is SessionDelete:
+        elif kind == _SESSION_DEL:
             _keep_delete(r, op.id, "session", op.version, tab=None, session=op.id)
-        elif kind is TabDelete:
+        elif kind == _TAB_DEL:
             _keep_delete(r, op.id, "tab", op.version, tab=None, session=op.session_id)
-        elif kind is PaneDelete:
+        elif kind == _PANE_DEL:
             _keep_delete(r, op.id, "pane", op.version, tab=op.tab_id, session=op.session_id)
-        elif kind is TemplateUpsert:
+        elif kind == _TEMPLATE_UP:
             _keep(r.templates, op.record.name, op)
-        elif kind is TemplateDelete:
+        elif kind == _TEMPLATE_DEL:
             current = r.template_deletes.get(op.name)
             if current is None or current < op.version:
                 r.template_deletes[op.name] = op.version
         else:
-            raise TypeError(f"not an operation: {kind.__name__}")
+            raise TypeError(f"not an operation: {type(op).__name__}")
     return r
 
 

@@ -7,6 +7,10 @@ first one building dicts and lists only for the second to throw away. Here the j
 validated by the same models in one pass of pydantic-core over the bytes, and the job function
 is handed the validated :class:`ParsedBatch`.
 
+Before that, :mod:`workers.decoder` tries the job with msgspec (several times faster): it takes
+the batches producers write and declines anything it is not sure the models would take, which
+then goes on to pydantic as described here.
+
 Anything else, and any batch that does not validate whole (an invalid operation, a batch of the
 previous format), is decoded by ``json.loads`` as before: the job function then validates it
 operation by operation, applies the valid ones and names the invalid ones. Either way the job is
@@ -24,6 +28,8 @@ from rq.serializers import JSONSerializer
 from perth_pipeline.limits import JSON_TEXTS
 from perth_pipeline.operations import Batch
 from perth_pipeline.wire import APPLY_BATCH, ApplyBatchName
+
+from .decoder import DecodedBatch, decode_apply_batch
 
 __all__ = ["JobSerializer", "ParsedBatch", "parse_apply_batch"]
 
@@ -43,12 +49,13 @@ _APPLY_BATCH_JOB: TypeAdapter[Any] = TypeAdapter(
 class ParsedBatch:
     """A batch validated whole from the job's bytes, with the JSON text of its JSON fields.
 
-    ``json_texts`` maps ``id()`` of each JSON field's value (a dict held by the batch) to the
-    value and the compact JSON the validators produced when they checked its size: the applier
-    copies that text instead of encoding the value again.
+    ``batch`` is the models' :class:`Batch`, or a :class:`DecodedBatch` (whose JSON fields hold
+    their text already). ``json_texts`` maps ``id()`` of each JSON field's value (a dict held by
+    the batch) to the value and the compact JSON the validators produced when they checked its
+    size: the applier copies that text instead of encoding the value again.
     """
 
-    batch: Batch
+    batch: Batch | DecodedBatch
     json_texts: dict[int, tuple[Any, str]] = field(default_factory=dict, repr=False)
 
 
@@ -56,6 +63,9 @@ def parse_apply_batch(data: bytes) -> ParsedBatch | None:
     """The batch of an ``apply_batch`` job's data, validated whole; None if it is not exactly that."""
     if not isinstance(data, bytes) or _NAME not in data[:64]:
         return None
+    decoded = decode_apply_batch(data)
+    if decoded is not None:
+        return ParsedBatch(decoded)
     texts: dict[int, tuple[Any, str]] = {}
     try:
         _, _, (batch,), _ = _APPLY_BATCH_JOB.validate_json(data, context={JSON_TEXTS: texts})
@@ -66,6 +76,8 @@ def parse_apply_batch(data: bytes) -> ParsedBatch | None:
 
 def _default(value: Any) -> Any:
     if isinstance(value, ParsedBatch):  # never expected: RQ saves a job's data as it was read
+        if isinstance(value.batch, DecodedBatch):
+            return JSONSerializer.loads(value.batch.data)[2][0]  # type: ignore[no-untyped-call]
         return value.batch.model_dump(mode="json")
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 

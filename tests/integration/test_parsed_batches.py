@@ -1,8 +1,8 @@
 """A producer's batch through a real worker: read by the worker's JobSerializer, validated whole.
 
 The job data a PersistenceManager enqueues must take the fast path of ``workers.serializer``
-(one validation from the bytes, JSON fields copied as the text validation made) inside a real
-``PerthWorker``, and the rows must hold exactly what was written. (A batch with an invalid
+(decoded by msgspec in ``workers.decoder``, JSON fields copied as the text that came) inside a
+real ``PerthWorker``, and the rows must hold exactly what was written. (A batch with an invalid
 operation takes RQ's JSON path in the same worker: tests/integration/test_poison.py,
 test_an_invalid_operation_is_refused_and_its_valid_neighbours_applied.)
 """
@@ -18,6 +18,7 @@ import pytest
 from perth_pipeline import PersistenceManager, TemplateRecord
 from perth_pipeline.settings import Settings
 from workers import serializer
+from workers.decoder import DecodedBatch
 from workers.serializer import ParsedBatch
 
 from ..helpers import pane, session, settle, tab
@@ -56,7 +57,8 @@ def test_a_producers_batch_is_applied_through_the_parsed_path(
     batches = [p for p in parsed if p is not None]
     assert batches, "no job took the parsed path"
     assert None not in parsed  # every job the worker read was a whole, valid batch
-    sent = {op.op for b in batches for op in b.batch.ops}
+    assert all(isinstance(b.batch, DecodedBatch) for b in batches)  # msgspec took each of them
+    sent = {type(op).__struct_config__.tag for b in batches for op in b.batch.ops}
     assert sent == {"session.upsert", "tab.upsert", "pane.upsert", "template.upsert"}
     assert pg.execute("SELECT layout_blob FROM tabs WHERE id = %s", (t.id,)).fetchone() == (t.layout_blob,)
     stored = dict(pg.execute("SELECT id, component_state FROM panes WHERE tab_id = %s", (t.id,)).fetchall())
