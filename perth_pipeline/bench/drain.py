@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import redis
 from rq import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
@@ -25,35 +24,12 @@ from perth_pipeline import PersistenceManager
 from perth_pipeline.settings import Settings
 
 from .backends import WorkerPool, count_rows, drop_queue, settings_for, truncate, unique_queue
+from .cpu import CpuAccount
 from .workload import Tree, write_tree
 
 __all__ = ["run_drain"]
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _DRAIN_TIMEOUT = 600.0
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of ``pid`` so far; None when it cannot be read (another host, gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def _backend_pids(database_url: str) -> list[int]:
-    """The PostgreSQL backends of the workers (``application_name`` perth-worker pid=...) here."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name LIKE 'perth-worker %%' AND pid <> pg_backend_pid()"
-        ).fetchall()
-    return [int(r[0]) for r in rows]
-
-
-def _total(values: list[float | None]) -> float | None:
-    return None if not values or any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
 def _fill(settings: Settings, tree: Tree) -> int:
@@ -100,19 +76,18 @@ def run_drain(base: Settings, tree: Tree, workers: int, log_dir: Path) -> dict[s
     try:
         with WorkerPool(settings, workers, log_dir=log_dir) as pool:
             pids = [p.pid for p in pool.procs]
+            account = CpuAccount(database_url, settings.redis_url, worker_pids=pids)
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
                 jobs = _fill(settings, tree)
-                cpu_before = [_cpu_seconds(pid) for pid in pids]
-                backends_before = {pid: _cpu_seconds(pid) for pid in _backend_pids(database_url)}
+                account.start()
             finally:
                 for pid in pids:
                     os.kill(pid, signal.SIGCONT)
             started = time.perf_counter()
             ended = _wait_drained(settings, jobs)
-            cpu_after = [_cpu_seconds(pid) for pid in pids]
-            backends_after = {pid: _cpu_seconds(pid) for pid in _backend_pids(database_url)}
+            account.stop()
     finally:
         drop_queue(settings.redis_url or "", settings.queue)
     rows = count_rows(database_url)
@@ -121,19 +96,7 @@ def run_drain(base: Settings, tree: Tree, workers: int, log_dir: Path) -> dict[s
         raise RuntimeError(f"worker only with {workers} worker(s): rows {rows} != {expected}")
     total = sum(rows.values())
     elapsed = ended - started
-    worker_cpu = _total(
-        [
-            (a - b) if a is not None and b is not None else None
-            for a, b in zip(cpu_after, cpu_before, strict=True)
-        ]
-    )
-    # a backend that connected after the fill counts from its start (its connection set-up is noise)
-    backend_cpu = _total(
-        [
-            (after - (backends_before.get(pid) or 0.0)) if after is not None else None
-            for pid, after in backends_after.items()
-        ]
-    )
+    cpu = account.per_row(total)
     return {
         "workers": workers,
         "rows": total,
@@ -141,6 +104,7 @@ def run_drain(base: Settings, tree: Tree, workers: int, log_dir: Path) -> dict[s
         "seconds": round(elapsed, 3),
         "rows_per_s": round(total / elapsed, 1),
         "rows_per_s_per_worker": round(total / elapsed / workers, 1),
-        "worker_cpu_us_per_row": None if worker_cpu is None else round(worker_cpu / total * 1e6, 2),
-        "backend_cpu_us_per_row": None if backend_cpu is None else round(backend_cpu / total * 1e6, 2),
+        "worker_cpu_us_per_row": cpu["workers"],
+        "backend_cpu_us_per_row": cpu["backends"],
+        "redis_cpu_us_per_row": cpu["redis"],
     }

@@ -158,6 +158,13 @@ def _throughput_lines(result: dict[str, Any], targets: dict[str, Any]) -> list[s
             f"{run['seconds']:>9.2f}{run['rows_per_s']:>10,.0f}"
             f"{_pct(run.get('share_of_ceiling')):>12}{_x(run.get('times_naive')):>10}"
         )
+        cpu = run.get("cpu_us_per_row")
+        if cpu:
+            lines.append(
+                f"      CPU per row: producer {_us(cpu.get('producer'))}, workers {_us(cpu.get('workers'))}, "
+                f"their PostgreSQL backends {_us(cpu.get('backends'))}, Redis {_us(cpu.get('redis'))}; "
+                f"all {_us(cpu.get('total'))}"
+            )
     for key, run in t.items():
         if not key.startswith("drain_"):
             continue
@@ -169,7 +176,8 @@ def _throughput_lines(result: dict[str, Any], targets: dict[str, Any]) -> list[s
         lines.append(
             f"      {run['rows_per_s_per_worker']:,.0f} rows/s per worker process; CPU per row: worker "
             f"{_us(run.get('worker_cpu_us_per_row'))}, "
-            f"its PostgreSQL backend {_us(run.get('backend_cpu_us_per_row'))}"
+            f"its PostgreSQL backend {_us(run.get('backend_cpu_us_per_row'))}, "
+            f"Redis {_us(run.get('redis_cpu_us_per_row'))}"
         )
     if "ceiling" in t:
         c = t["ceiling"]
@@ -177,6 +185,10 @@ def _throughput_lines(result: dict[str, Any], targets: dict[str, Any]) -> list[s
             f"   {'ceiling: COPY + one merge, one connection':<44}{c['rows']:>9,}{c['seconds']:>9.2f}"
             f"{c['rows_per_s']:>10,.0f}"
         )
+        cpu = c.get("cpu_us_per_row")
+        if cpu:
+            client, backend = _us(cpu.get("client")), _us(cpu.get("backend"))
+            lines.append(f"      CPU per row: client {client}, its backend {backend}")
     if "naive" in t:
         n = t["naive"]
         lines.append(

@@ -28,6 +28,7 @@ from perth_pipeline import PaneRecord, PersistenceManager
 from perth_pipeline.settings import Settings
 
 from .backends import WorkerPool, count_rows, drop_queue, queries, settings_for, truncate, unique_queue
+from .cpu import CpuAccount
 from .naive import FUNCTION as NAIVE_FUNCTION
 from .naive import naive_row
 from .workload import Tree, write_tree
@@ -36,6 +37,7 @@ __all__ = ["run_ceiling", "run_end_to_end", "run_hot_key", "run_naive"]
 
 _STATS = ("submitted", "coalesced", "enqueued_jobs", "enqueued_ops", "committed_jobs", "dropped_jobs")
 _COMMIT_TIMEOUT = 600.0
+_CEILING_APP = "perth-bench-ceiling"
 
 
 def run_end_to_end(base: Settings, tree: Tree, workers: int, log_dir: Path) -> dict[str, Any]:
@@ -44,14 +46,17 @@ def run_end_to_end(base: Settings, tree: Tree, workers: int, log_dir: Path) -> d
     truncate(database_url)
     settings = settings_for(base, unique_queue(f"e2e{workers}"))
     try:
-        with WorkerPool(settings, workers, log_dir=log_dir):
+        with WorkerPool(settings, workers, log_dir=log_dir) as pool:
+            account = CpuAccount(database_url, settings.redis_url, worker_pids=[p.pid for p in pool.procs])
             manager = PersistenceManager(settings=settings)
             try:
+                account.start()
                 started = time.perf_counter()
                 write_tree(manager, tree)
                 calls_done = time.perf_counter()
                 committed = manager.flush(timeout=_COMMIT_TIMEOUT)
                 elapsed = time.perf_counter() - started
+                account.stop()
                 stats = manager.stats()
             finally:
                 manager.close(timeout=5.0)
@@ -71,6 +76,8 @@ def run_end_to_end(base: Settings, tree: Tree, workers: int, log_dir: Path) -> d
         "rows_per_s": round(total / elapsed, 1),
         "write_calls_s": round(calls_done - started, 3),
         "stats": {k: stats[k] for k in _STATS},
+        # producer: this process (the caller's write calls and the flusher thread)
+        "cpu_us_per_row": account.per_row(total),
     }
 
 
@@ -143,9 +150,11 @@ def run_ceiling(database_url: str, tree: Tree) -> dict[str, Any]:
     truncate(database_url)
     rows = _ceiling_rows(tree)
     q = queries()
-    with psycopg.connect(database_url) as conn:
+    account = CpuAccount(database_url, None, application_name=_CEILING_APP)
+    with psycopg.connect(database_url, application_name=_CEILING_APP) as conn:
         conn.execute(q["ceiling_stage"].encode())
         conn.commit()
+        account.start()
         started = time.perf_counter()
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(q["ceiling_copy"].encode()) as copy:
@@ -154,9 +163,17 @@ def run_ceiling(database_url: str, tree: Tree) -> dict[str, Any]:
             cur.execute(q["ceiling_merge"].encode())
             merged = cur.rowcount
         elapsed = time.perf_counter() - started
+        account.stop()
     if merged != len(rows):
         raise RuntimeError(f"ceiling: merged {merged} of {len(rows)} rows")
-    return {"rows": len(rows), "seconds": round(elapsed, 3), "rows_per_s": round(len(rows) / elapsed, 1)}
+    cpu = account.per_row(len(rows))
+    return {
+        "rows": len(rows),
+        "seconds": round(elapsed, 3),
+        "rows_per_s": round(len(rows) / elapsed, 1),
+        # the client (this process) and its backend
+        "cpu_us_per_row": {"client": cpu["producer"], "backend": cpu["backends"]},
+    }
 
 
 def run_naive(base: Settings, tree: Tree, sample: int, log_dir: Path) -> dict[str, Any]:

@@ -89,6 +89,11 @@ def test_quick_bench_reports_every_case(backends: tuple[str | None, str | None],
         assert run["rows"] == rows and run["rows_per_s"] > 0
         assert run["share_of_ceiling"] > 0 and run["times_naive"] > 0
         assert run["stats"]["enqueued_ops"] >= rows
+        # the CPU account of end to end: every part read (this machine runs all of them)
+        cpu = run["cpu_us_per_row"]
+        assert set(cpu) == {"producer", "workers", "backends", "redis", "total"}
+        assert all(v is not None and v >= 0 for v in cpu.values()), cpu
+        assert cpu["producer"] > 0  # process_time, not ticks: the write calls cost something
         drained = t[f"drain_{workers}"]
         assert drained["rows"] == rows and drained["jobs"] >= 1 and drained["rows_per_s"] > 0
         assert drained["rows_per_s_per_worker"] * workers == pytest.approx(drained["rows_per_s"], rel=0.01)
@@ -96,6 +101,8 @@ def test_quick_bench_reports_every_case(backends: tuple[str | None, str | None],
         assert drained["worker_cpu_us_per_row"] is not None and drained["worker_cpu_us_per_row"] >= 0
         assert drained["backend_cpu_us_per_row"] is not None and drained["backend_cpu_us_per_row"] >= 0
     assert t["ceiling"]["rows"] == data["sizes"]["panes"] and t["ceiling"]["rows_per_s"] > 0
+    assert t["ceiling"]["cpu_us_per_row"]["client"] > 0
+    assert t["ceiling"]["cpu_us_per_row"]["backend"] is not None
     assert t["naive"]["ops"] == data["sizes"]["naive_sample"] and t["naive"]["ops_per_s"] > 0
     hot = t["hot_key"]
     assert hot["updates"] == data["sizes"]["hot_updates"]
