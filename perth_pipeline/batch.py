@@ -3,11 +3,10 @@
 This runs in the flusher thread, beside the terminal's threads, so it is written
 for two things:
 
-* Speed. Each operation is written as JSON text directly: fixed keys in an
-  f-string, strings through the C string encoder of :mod:`json`, JSON fields
-  through one reusable C encoder, UUIDs of parents formatted once per batch. No
-  intermediate dict, no :class:`json.JSONEncoder` set up per call. The text is
-  the wire format of :mod:`perth_pipeline.records` (the workers validate it with
+* Speed. Each operation's JSON text is written directly by :mod:`perth_pipeline.opjson`
+  (f-strings, the C string encoder of :mod:`json`, one reusable C encoder for JSON fields);
+  the batch around the operations is joined from their texts by :mod:`perth_pipeline.wire`.
+  The text is the wire format of :mod:`perth_pipeline.records` (the workers validate it with
   those models); the op names, the envelope and the job data around it are
   :mod:`perth_pipeline.wire`'s.
 * Short stretches. CPython lets a thread that waits for the interpreter lock take
@@ -25,14 +24,12 @@ RQ would compress it again at level 6, about 9 ms for a batch of 1,000 panes on 
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from json.encoder import encode_basestring
 from typing import Any
 from uuid import UUID
 
@@ -41,8 +38,7 @@ from rq.job import Job
 
 from . import rqcompat, wire
 from .buffer import PANE, SESSION, TAB, TEMPLATE, Chunk, Drained, Item, Touch
-from .limits import compact_json
-from .records import PaneRecord, SessionRecord, TabRecord, TemplateRecord
+from .opjson import Ids, chunk_json, item_json, touch_json
 from .units import plural
 
 __all__ = ["JOB_FUNCTION", "EncodedBatch", "PackedJob", "describe", "encode_batches"]
@@ -56,35 +52,8 @@ _SLICE = 0.0005
 _YIELD = 0.00002
 #: Operations encoded between two looks at the clock.
 _CHECK_EVERY = 8
-#: Chunks smaller than this are sent as they are: compressing them saves nothing.
-_MIN_COMPRESS = 128
 
 _ORDER = {SESSION: 0, TAB: 1, PANE: 2}  # templates last: a batch reads top-down
-
-
-_json = compact_json
-_str = encode_basestring  # a quoted, escaped JSON string (as json.dumps(ensure_ascii=False))
-
-
-def _opt(value: str | None) -> str:
-    return "null" if value is None else _str(value)
-
-
-def _head(op: str) -> str:
-    """The start of an operation's JSON, up to its version: ``{"op":"<op>","version":``."""
-    return f'{{"op":"{op}","version":'
-
-
-_SESSION_UPSERT = _head(wire.SESSION_UPSERT)
-_SESSION_DELETE = _head(wire.SESSION_DELETE)
-_SESSION_TOUCH = _head(wire.SESSION_TOUCH)
-_TAB_UPSERT = _head(wire.TAB_UPSERT)
-_TAB_DELETE = _head(wire.TAB_DELETE)
-_PANE_UPSERT = _head(wire.PANE_UPSERT)
-_PANE_DELETE = _head(wire.PANE_DELETE)
-_HISTORY_APPEND = _head(wire.HISTORY_APPEND)
-_TEMPLATE_UPSERT = _head(wire.TEMPLATE_UPSERT)
-_TEMPLATE_DELETE = _head(wire.TEMPLATE_DELETE)
 
 
 @dataclass(slots=True)
@@ -105,95 +74,6 @@ class EncodedBatch:
     @property
     def ops(self) -> int:
         return len(self.items) + len(self.touches) + len(self.chunks)
-
-
-class _Ids:
-    """The text of UUIDs that repeat within a batch (a tab's or a session's id under many panes)."""
-
-    __slots__ = ("_text",)
-
-    def __init__(self) -> None:
-        self._text: dict[int | None, str] = {}
-
-    def __call__(self, value: UUID | None) -> str:
-        # keyed by the UUID's int: hashing a UUID runs Python code, hashing an int does not
-        key = None if value is None else value.int
-        text = self._text.get(key)
-        if text is None:
-            text = str(value)
-            self._text[key] = text
-        return text
-
-
-def _delete_json(item: Item, ids: _Ids) -> str:
-    kind, key, version = item.kind, item.key, item.version
-    if kind == SESSION:
-        return f'{_SESSION_DELETE}{version},"id":"{key[1]}"}}'
-    if kind == TAB:
-        return f'{_TAB_DELETE}{version},"id":"{key[1]}","session_id":"{ids(item.session_id)}"}}'
-    if kind == PANE:
-        return (
-            f'{_PANE_DELETE}{version},"id":"{key[1]}","tab_id":"{ids(item.tab_id)}",'
-            f'"session_id":"{ids(item.session_id)}"}}'
-        )
-    return f'{_TEMPLATE_DELETE}{version},"name":{_str(key[1])}}}'
-
-
-def item_json(item: Item, ids: _Ids) -> str:
-    """The wire form of one entity operation (an upsert carries the whole record)."""
-    if item.deleted:
-        return _delete_json(item, ids)
-    kind, record = item.kind, item.record
-    if kind == PANE:
-        assert isinstance(record, PaneRecord)
-        return (
-            f'{_PANE_UPSERT}{item.version},"session_id":"{ids(item.session_id)}",'
-            f'"record":{{"id":"{record.id}","tab_id":"{ids(record.tab_id)}",'
-            f'"pane_id":{_str(record.pane_id)},"pane_type":{_str(record.pane_type)},'
-            f'"component_state":{_json(item.snapshot)},"title":{_str(record.title)},'
-            f'"cwd":{_opt(record.cwd)},"command":{_opt(record.command)}}}}}'
-        )
-    if kind == TAB:
-        assert isinstance(record, TabRecord)
-        return (
-            f'{_TAB_UPSERT}{item.version},"record":{{"id":"{record.id}",'
-            f'"session_id":"{ids(record.session_id)}","position":{record.position},'
-            f'"name":{_str(record.name)},"layout_blob":{_json(item.snapshot)}}}}}'
-        )
-    if kind == SESSION:
-        assert isinstance(record, SessionRecord)
-        return (
-            f'{_SESSION_UPSERT}{item.version},"record":{{"id":"{record.id}",'
-            f'"name":{_str(record.name)},"template_name":{_opt(record.template_name)},'
-            f'"created_at":"{record.created_at.isoformat()}","last_active":"{record.last_active.isoformat()}"}}}}'
-        )
-    assert isinstance(record, TemplateRecord)
-    return (
-        f'{_TEMPLATE_UPSERT}{item.version},"record":{{"id":"{record.id}",'
-        f'"name":{_str(record.name)},"definition":{_json(item.snapshot)}}}}}'
-    )
-
-
-def touch_json(touch: Touch) -> str:
-    return (
-        f'{_SESSION_TOUCH}{touch.version},"id":"{touch.session_id}",'
-        f'"last_active":"{touch.last_active.isoformat()}"}}'
-    )
-
-
-def chunk_json(chunk: Chunk, compressor: zstandard.ZstdCompressor | None, ids: _Ids) -> str:
-    raw = chunk.chunk.content
-    encoding, payload = wire.IDENTITY, raw
-    if compressor is not None and len(raw) >= _MIN_COMPRESS:
-        packed = compressor.compress(raw)  # releases the interpreter lock while it works
-        if len(packed) < len(raw):
-            encoding, payload = wire.ZSTD, packed
-    return (
-        f'{_HISTORY_APPEND}{chunk.version},"pane_id":"{chunk.chunk.pane_id}",'
-        f'"tab_id":"{ids(chunk.tab_id)}","session_id":"{ids(chunk.session_id)}",'
-        f'"chunk_index":{chunk.chunk.chunk_index},"encoding":"{encoding}","raw_size":{len(raw)},'
-        f'"content":"{base64.b64encode(payload).decode("ascii")}"}}'
-    )
 
 
 class _Pacer:
@@ -276,7 +156,7 @@ def encode_batches(
     """
     pacer = _Pacer()
     out = _Batches(origin, max_ops, max_bytes, pacer)
-    ids = _Ids()
+    ids = Ids()
     for touch in drained.touches:
         out.add(touch_json(touch), touch.session_id).touches.append(touch)
     for item in sorted(drained.items, key=lambda i: _ORDER.get(i.kind, 3)):
