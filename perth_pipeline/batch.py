@@ -3,9 +3,18 @@
 This runs in the flusher thread, beside the terminal's threads, so it is written
 for two things:
 
-* Speed. Each operation's JSON text is written directly by :mod:`perth_pipeline.opjson`
-  (f-strings, the C string encoder of :mod:`json`, one reusable C encoder for JSON fields);
-  the batch around the operations is joined from their texts by :mod:`perth_pipeline.wire`.
+* Speed. What encodes what:
+
+  - each operation's JSON text: :mod:`perth_pipeline.opjson`, through msgspec (one
+    :class:`msgspec.Struct` per operation, written in C), or through f-strings, the
+    :mod:`json` C string encoder and :func:`~perth_pipeline.limits.compact_json` where msgspec
+    would write other bytes (a float in a JSON field, for one). msgspec writes the same bytes,
+    faster (issue 15, ``tests/bench_op_json.py``: a pane upsert 1.3 µs of CPU against 3.4);
+  - the batch around them (the envelope and RQ's job data): :mod:`perth_pipeline.wire`, by
+    joining the operations' texts, never by parsing or building them again;
+  - scrollback: zstd here, per chunk (:func:`~perth_pipeline.opjson.chunk_json`), and the whole
+    job data with zlib at level 1, once (below).
+
   The text is the wire format of :mod:`perth_pipeline.records` (the workers validate it with
   those models); the op names, the envelope and the job data around it are
   :mod:`perth_pipeline.wire`'s.
@@ -16,6 +25,8 @@ for two things:
   work, sleeps for a few microseconds: a real sleep, which releases the lock long
   enough for a waiting thread to take it (``time.sleep(0)`` releases it for so
   short a moment that the waiting thread rarely gets it, and the wait starts over).
+  (Each operation is encoded by a call of its own, never a whole batch at once, so that
+  the clock is looked at between them.)
 
 Batches are cut at ``max_ops`` operations or ``max_bytes`` of JSON. Each batch's job data
 is also compressed here, once, at zlib level 1 (:class:`PackedJob` hands it to Redis as it is:
