@@ -34,7 +34,7 @@ from workers.applier import _stage
 from workers.decoder import DecodedBatch, decode_apply_batch
 from workers.jobs import PoisonBatch, parse_batch
 from workers.reduction import reduce_batch
-from workers.serializer import ParsedBatch, parse_apply_batch
+from workers.serializer import JobSerializer, ParsedBatch, parse_apply_batch
 
 from ..helpers import make_buffer, pane, session, tab
 
@@ -86,8 +86,10 @@ for _ in range(MAX_JSON_DEPTH + 2):
     DEEP = [DEEP]
 
 
-def job(payload: dict[str, Any]) -> bytes:
-    return json.dumps(["workers.jobs.apply_batch", None, [payload], {}], ensure_ascii=False).encode()
+def job(payload: dict[str, Any], *, ascii_only: bool = False) -> bytes:
+    """Job data as a producer writes it; ``ascii_only``: as RQ's JSONSerializer does (escapes)."""
+    text = json.dumps(["workers.jobs.apply_batch", None, [payload], {}], ensure_ascii=ascii_only)
+    return text.encode()
 
 
 def rows(batch: Any, texts: dict[int, tuple[Any, str]]) -> dict[str, list[tuple[Any, ...]]]:
@@ -166,6 +168,8 @@ def _with(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         (("record", "pane_type"), "terminal\n", "$ before a newline"),
         (("record", "title"), "a\x00b", "NUL"),
         (("record", "component_state"), {"x": "\udc80"}, "lone surrogate"),
+        (("record", "title"), "\udc80", "lone surrogate in a text field"),
+        (("record", "component_state"), {"x": "a\x00b"}, "NUL in a JSON field"),
         (("record", "component_state"), {"x": 1e300}, "exponent"),
         (("record", "component_state"), {"x": 2**64}, "integer past u64"),
         (("record", "component_state"), {"x": 12345678901234567890}, "19-digit run"),
@@ -184,8 +188,10 @@ def _with(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
 def test_what_the_decoder_is_not_sure_of_goes_the_models_way(
     path: tuple[Any, ...], value: Any, why: str
 ) -> None:
-    if isinstance(value, dict) and "x" in value and value["x"] == "\udc80":
+    if value == {"x": "\udc80"}:  # (json.dumps writes a lone surrogate only escaped, ASCII)
         data = job(PAYLOAD).replace(b'"scroll":', b'"x":"\\udc80","scroll":', 1)
+    elif value == "\udc80":
+        data = job(PAYLOAD).replace(b'"title": "', b'"title": "\\udc80', 1)
     else:
         data = job(_with(path, value))
     assert decode_apply_batch(data) is None, why
@@ -305,16 +311,17 @@ _KEYS = st.sampled_from(
         st.tuples(st.integers(min_value=0, max_value=50), _KEYS, _VALUES, st.booleans()),
         min_size=1,
         max_size=3,
-    )
+    ),
+    ascii_only=st.booleans(),
 )
 def test_whatever_the_decoder_takes_the_models_take_with_the_same_rows(
-    mutations: list[tuple[int, list[str], Any, bool]],
+    mutations: list[tuple[int, list[str], Any, bool]], ascii_only: bool
 ) -> None:
     payload = json.loads(json.dumps(PAYLOAD))
     for index, keys, value, delete in mutations:
         _mutate(payload, index, keys, value, delete)
     try:
-        data = job(payload)
+        data = job(payload, ascii_only=ascii_only)
     except (ValueError, UnicodeEncodeError):  # (a lone surrogate from st.text: not JSON text at all)
         return
     decoded = decode_apply_batch(data)
@@ -325,3 +332,22 @@ def test_whatever_the_decoder_takes_the_models_take_with_the_same_rows(
     except PoisonBatch as exc:  # pragma: no cover - the failure this test looks for
         raise AssertionError(f"the decoder took a batch the models refuse: {exc}") from None
     assert rows(decoded, {}) == expected
+
+
+def test_a_decoded_batch_serializes_back_to_the_same_batch() -> None:
+    data = job(PAYLOAD)
+    loaded = JobSerializer.loads(data)
+    assert isinstance(loaded[2][0].batch, DecodedBatch)
+    dumped = JobSerializer.dumps(loaded)  # (RQ's JSON: ASCII, an emoji as a surrogate pair)
+    assert json.loads(dumped) == json.loads(data)
+    again = JobSerializer.loads(dumped)  # ("\u00e9" in a JSON field looks like an exponent: the models')
+    assert rows(again[2][0].batch, again[2][0].json_texts) == rows(loaded[2][0].batch, {})
+
+
+def test_escapes_in_text_fields_a_surrogate_pair_too_are_decoded_as_the_models_decode_them() -> None:
+    data = job(PAYLOAD).replace(b'"title": "', b'"title": "\\ud83d\\ude00 \\u00e9 \\n ', 1)
+    decoded = decode_apply_batch(data)
+    assert isinstance(decoded, DecodedBatch)
+    titles = [row[5] for row in rows(decoded, {})["copy_panes"]]
+    assert any(title.startswith("\U0001f600 \u00e9 \n ") for title in titles)
+    assert rows(decoded, {}) == models_rows(data)
