@@ -351,3 +351,42 @@ def test_escapes_in_text_fields_a_surrogate_pair_too_are_decoded_as_the_models_d
     titles = [row[5] for row in rows(decoded, {})["copy_panes"]]
     assert any(title.startswith("\U0001f600 \u00e9 \n ") for title in titles)
     assert rows(decoded, {}) == models_rows(data)
+
+
+def test_the_decoders_structs_the_encoders_and_the_models_name_the_same_fields() -> None:
+    """Three declarations of one wire format (the models, the producer's msgspec structs, the
+    worker's): a field added to one and not the others fails here, not on the queue."""
+    import msgspec
+
+    from perth_pipeline import operations, opjson, records
+    from workers import decoder
+
+    def names(struct: Any) -> set[str]:
+        return {f.name for f in msgspec.structs.fields(struct)}
+
+    def model_names(model: Any) -> set[str]:
+        return set(model.model_fields) - {"op"}
+
+    kinds = {
+        "SessionUpsert": ("_SessionUpsert", "_Session", "SessionRecord"),
+        "TabUpsert": ("_TabUpsert", "_Tab", "TabRecord"),
+        "PaneUpsert": ("_PaneUpsert", "_Pane", "PaneRecord"),
+        "TemplateUpsert": ("_TemplateUpsert", "_Template", "TemplateRecord"),
+        "SessionDelete": ("_SessionDelete", None, None),
+        "SessionTouch": ("_SessionTouch", None, None),
+        "TabDelete": ("_TabDelete", None, None),
+        "PaneDelete": ("_PaneDelete", None, None),
+        "HistoryAppend": ("_HistoryAppend", None, None),
+        "TemplateDelete": ("_TemplateDelete", None, None),
+    }
+    for kind, (encoder_op, encoder_record, record) in kinds.items():
+        model = getattr(operations, kind)
+        ours = getattr(decoder, f"{kind}Struct")
+        theirs = getattr(opjson, encoder_op)
+        assert names(ours) == names(theirs) == model_names(model), kind
+        tag = model.model_fields["op"].default
+        assert ours.__struct_config__.tag == theirs.__struct_config__.tag == tag, kind
+        if record is not None:
+            ours_record = {f.name: f.type for f in msgspec.structs.fields(ours)}["record"]
+            fields = model_names(getattr(records, record))
+            assert names(ours_record) == names(getattr(opjson, encoder_record)) == fields, kind
