@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,27 +99,20 @@ class CpuAccount:
         # a backend that connected during the span counts from its start (its set-up is noise)
         parts: dict[str, float | None] = {
             "producer": b.here - a.here,
-            "workers": _spent(a.workers, b.workers, b.workers),
-            "backends": _spent(a.backends, b.backends, b.backends),
+            "workers": _spent(a.workers, b.workers),
+            "backends": _spent(a.backends, b.backends),
             "redis": None if a.redis is None or b.redis is None else b.redis - a.redis,
         }
-        out = {k: None if v is None else round(v / rows * 1e6, 2) for k, v in parts.items()}
-        values = list(parts.values())
-        out["total"] = None if any(v is None for v in values) else round(_sum(values) / rows * 1e6, 2)
-        return out
+        values = [v for v in parts.values() if v is not None]
+        parts["total"] = sum(values) if len(values) == len(parts) else None
+        return {k: None if v is None else round(v / rows * 1e6, 2) for k, v in parts.items()}
 
 
-def _spent(
-    before: dict[int, float | None], after: dict[int, float | None], pids: Iterable[int]
-) -> float | None:
+def _spent(before: dict[int, float | None], after: dict[int, float | None]) -> float | None:
+    """CPU seconds the processes read at the end spent since the start (or since they started)."""
     total = 0.0
-    for pid in pids:
-        end = after.get(pid)
+    for pid, end in after.items():
         if end is None:
             return None
         total += end - (before.get(pid) or 0.0)
     return total
-
-
-def _sum(values: list[float | None]) -> float:
-    return sum(v for v in values if v is not None)
